@@ -1,0 +1,248 @@
+"""Typed, frozen configuration models.
+
+Validation lives here and only here; loading (YAML, merging files, Istio
+DestinationRules) lives in ``load.py``.  Field names are the YAML names
+(camelCase, like Istio's ClientTLSSettings), so a pydantic error location
+is already the YAML path a user can find in the file.  Unknown fields are
+errors: a typo such as ``clientCertficate`` must not silently mean "no cert".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+PROTOCOLS = ("redis", "mongodb", "tcp", "postgres", "cockroachdb", "mysql", "mariadb")
+Protocol = Literal["redis", "mongodb", "tcp", "postgres", "cockroachdb", "mysql", "mariadb"]
+
+DEFAULT_PORTS: dict[str, int] = {
+    "redis": 6379,
+    "mongodb": 27017,
+    "postgres": 5432,
+    "cockroachdb": 26257,
+    "mysql": 3306,
+    "mariadb": 3306,
+}
+# Well-known port -> protocol, for DestinationRules without a dbmtls.io/protocol annotation.
+# 3306 maps to "mysql": the MySQL and MariaDB handshakes are the same code path.
+PORT_PROTOCOLS: dict[int, str] = {
+    6379: "redis",
+    27017: "mongodb",
+    5432: "postgres",
+    26257: "cockroachdb",
+    3306: "mysql",
+}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '5s', '1m', '7d' or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s or 250ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 5s, 250ms or 7d, got {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class HostPort(_Model):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'h:p', '[v6]:p', or 'h' (with a default port) -> (host, port)."""
+    text = text.strip()
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unbalanced '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':port' after ']' in {text!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ValueError(f"write IPv6 addresses as [addr]:port, got {text!r}")
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"missing ':port' in {text!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class UserCertificate(_Model):
+    """A client certificate chosen by database user (PostgreSQL cert auth, MySQL REQUIRE SUBJECT)."""
+
+    clientCertificate: str  # noqa: N815 -- YAML name
+    privateKey: str  # noqa: N815
+
+
+class TLSSettings(_Model):
+    """Istio ClientTLSSettings: same field names, same meaning, plus per-user certificates."""
+
+    mode: Literal["DISABLE", "SIMPLE", "MUTUAL"] = "SIMPLE"
+    clientCertificate: str | None = None  # noqa: N815
+    privateKey: str | None = None  # noqa: N815
+    caCertificates: str | None = None  # noqa: N815 -- None: the system trust store
+    sni: str | None = None
+    subjectAltNames: tuple[str, ...] = ()  # noqa: N815
+    insecureSkipVerify: bool = False  # noqa: N815
+    minProtocolVersion: Literal["TLSV1_2", "TLSV1_3"] = "TLSV1_2"  # noqa: N815
+    maxProtocolVersion: Literal["TLSV1_2", "TLSV1_3"] | None = None  # noqa: N815
+    userCertificates: dict[str, UserCertificate] = Field(default_factory=dict)  # noqa: N815
+
+    @model_validator(mode="after")
+    def _check(self) -> TLSSettings:
+        if (self.clientCertificate is None) != (self.privateKey is None):
+            raise ValueError("clientCertificate and privateKey must be given together")
+        if self.mode == "MUTUAL" and self.clientCertificate is None and not self.userCertificates:
+            raise ValueError("mode MUTUAL needs clientCertificate and privateKey (or userCertificates)")
+        if self.mode != "MUTUAL" and (self.clientCertificate or self.userCertificates):
+            raise ValueError(f"client certificates are only presented in mode MUTUAL, not {self.mode}")
+        if self.maxProtocolVersion == "TLSV1_2" and self.minProtocolVersion == "TLSV1_3":
+            raise ValueError("maxProtocolVersion is below minProtocolVersion")
+        return self
+
+
+class DatabaseConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    protocol: Protocol
+    listen: str
+    address: str
+    tls: TLSSettings = TLSSettings()
+    # Plaintext toward the app is only safe on loopback or a unix socket; anything else
+    # must be asked for by name.
+    allowRemoteClients: bool = False  # noqa: N815
+    # PostgreSQL 17+: TLS from the first byte with ALPN "postgresql" (saves a round trip).
+    directTls: bool = False  # noqa: N815
+    connectTimeout: Duration = 5.0  # noqa: N815
+    handshakeTimeout: Duration = 10.0  # noqa: N815
+    # Where a DestinationRule or an override asked to dial somewhere other than the
+    # verified name: the TLS names stay those of ``address``.
+    dial: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v.startswith("unix:"):
+            if len(v) <= len("unix:"):
+                raise ValueError("unix: needs a socket path")
+            return v
+        split_host_port(v)
+        return v
+
+    @field_validator("address", "dial")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v, default_port=1)  # syntax only; the port default is per protocol
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DatabaseConfig:
+        if not self.listen.startswith("unix:") and not self.allowRemoteClients:
+            host, _ = split_host_port(self.listen)
+            if not is_loopback(host):
+                raise ValueError(
+                    f"listen {self.listen} is not loopback: the app side is plaintext; "
+                    "set allowRemoteClients: true to open it up on purpose"
+                )
+        if self.directTls and self.protocol not in ("postgres", "cockroachdb"):
+            raise ValueError("directTls applies to postgres only (PostgreSQL 17+ direct TLS)")
+        if self.tls.userCertificates and self.protocol not in ("postgres", "cockroachdb", "mysql", "mariadb"):
+            raise ValueError("tls.userCertificates needs a protocol that names the user before TLS")
+        return self
+
+    @property
+    def upstream(self) -> tuple[str, int]:
+        """(host, port) whose name the server certificate must carry."""
+        return split_host_port(self.address, DEFAULT_PORTS.get(self.protocol))
+
+    @property
+    def dial_target(self) -> tuple[str, int]:
+        return split_host_port(self.dial, self.upstream[1]) if self.dial else self.upstream
+
+    @property
+    def server_name(self) -> str:
+        return self.tls.sni or self.upstream[0]
+
+    @property
+    def verify_names(self) -> tuple[str, ...]:
+        return self.tls.subjectAltNames or (self.server_name,)
+
+
+class AdminConfig(_Model):
+    listen: str = "127.0.0.1:15000"  # "off" disables the admin server
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v != "off":
+            split_host_port(v)
+        return v
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    databases: tuple[DatabaseConfig, ...] = ()
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    drainTimeout: Duration = 30.0  # noqa: N815
+    certificateExpiryWarning: Duration = 7 * 86400.0  # noqa: N815
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        seen: dict[str, int] = {}
+        for i, db in enumerate(self.databases):
+            if db.name in seen:
+                raise ValueError(f"databases[{i}].name {db.name!r} is already used by databases[{seen[db.name]}]")
+            seen[db.name] = i
+        listens: dict[str, str] = {}
+        for db in self.databases:
+            if db.listen in listens:
+                raise ValueError(f"databases {listens[db.listen]!r} and {db.name!r} both listen on {db.listen}")
+            listens[db.listen] = db.name
+        return self
