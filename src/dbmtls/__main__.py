@@ -1,0 +1,3 @@
+from dbmtls.cli import main
+
+main()

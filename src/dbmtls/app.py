@@ -1,0 +1,79 @@
+"""``dbmtls run``: the event loop, signals, the admin server, reloads, and the exit code.
+
+SIGTERM / SIGINT (or POST /quitquitquit) start a graceful drain and the process
+exits 0 when it is over; SIGHUP reloads the certificate files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import uvloop
+
+from dbmtls.config.model import Config
+from dbmtls.logs import LOG
+from dbmtls.proxy.server import Proxy
+
+
+class App:
+    def __init__(self, config: Config, *, admin_listen: str | None = None) -> None:
+        self.config = config
+        self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
+        self.proxy = Proxy(config)
+        self.admin: Any = None
+        self.reloader: Any = None
+        self._shutdown: asyncio.Task[None] | None = None
+
+    def request_shutdown(self, why: str) -> None:
+        if self._shutdown is None:
+            LOG.info("shutting down", extra={"fields": {"why": why}})
+            self._shutdown = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self.proxy.drain(self.config.drainTimeout)
+
+    def reload(self, why: str) -> None:
+        if self.reloader is not None:
+            self.reloader.reload_all(why)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.proxy.start()
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.request_shutdown, name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        await self._start_extras()
+        LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
+        await self.proxy.stopped.wait()
+        await self._stop_extras()
+        LOG.info("stopped")
+        return 0
+
+    async def _start_extras(self) -> None:
+        """Admin server and certificate reloader (optional modules, started after the listeners)."""
+        try:
+            from dbmtls.tls.reload import Reloader
+        except ImportError:  # pragma: no cover - during bootstrap of the project
+            Reloader = None  # type: ignore[assignment,misc]  # noqa: N806
+        if Reloader is not None:
+            self.reloader = Reloader(self.proxy)
+            await self.reloader.start()
+        if self.admin_listen != "off":
+            try:
+                from dbmtls.admin.server import AdminServer
+            except ImportError:  # pragma: no cover
+                return
+            self.admin = AdminServer(self, self.admin_listen)
+            await self.admin.start()
+
+    async def _stop_extras(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+
+
+def run(config: Config, *, admin_listen: str | None = None) -> int:
+    return uvloop.run(App(config, admin_listen=admin_listen).run())

@@ -1,0 +1,138 @@
+"""The ``dbmtls`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dbmtls import __version__
+from dbmtls.config.load import load_config
+from dbmtls.config.model import Config
+from dbmtls.errors import ConfigError
+from dbmtls.logs import setup_logging
+
+CONFIG_HELP = "Config file: dbmtls YAML or an Istio DestinationRule (repeatable; merged in order)."
+
+
+def _load(configs: tuple[str, ...]) -> Config:
+    try:
+        return load_config(configs)
+    except ConfigError as exc:
+        click.echo(f"dbmtls: config error: {exc.message}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """dbmtls: the app talks plaintext to localhost, dbmtls talks verified mutual TLS to the database."""
+
+
+@main.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"dbmtls {__version__}")
+
+
+@main.command()
+@click.option("-c", "--config", "configs", multiple=True, required=True, help=CONFIG_HELP)
+@click.option("--admin", "admin", default=None, help="Admin server address (host:port), or 'off'.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_format: str | None) -> None:
+    """Run the proxy in the foreground (logs to stderr; SIGTERM drains and exits 0)."""
+    config = _load(configs)
+    setup_logging(log_level or config.log.level, log_format or config.log.format)
+    from dbmtls.app import run as run_app
+
+    try:
+        code = run_app(config, admin_listen=admin)
+    except ConfigError as exc:
+        click.echo(f"dbmtls: {exc.message}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("-c", "--config", "configs", multiple=True, required=True, help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the effective configuration as JSON.")
+def check(configs: tuple[str, ...], as_json: bool) -> None:
+    """Validate the configuration and the certificate files; print the effective configuration."""
+    from dbmtls.tls.material import ClientTLS
+
+    config = _load(configs)
+    problems = []
+    for i, db in enumerate(config.databases):
+        try:
+            material = ClientTLS(db).build()
+        except ConfigError as exc:
+            problems.append(f"databases[{i}] ({db.name}): {exc.path + ': ' if exc.path else ''}{exc.message}")
+            continue
+        for w in material.warnings:
+            click.echo(f"warning: {db.name}: {w}", err=True)
+        if db.tls.insecureSkipVerify:
+            click.echo(f"warning: {db.name}: insecureSkipVerify is on: the server is NOT verified", err=True)
+    dump = config.model_dump(mode="json")
+    if as_json:
+        click.echo(json.dumps(dump, indent=2))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
+    if problems:
+        for p in problems:
+            click.echo(f"dbmtls: error: {p}", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def certs() -> None:
+    """A development PKI: a CA and certificates shaped like cert-manager Secrets (tls.crt, tls.key, ca.crt)."""
+
+
+@certs.command("ca")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write to.")
+@click.option("--cn", default="dbmtls dev CA", show_default=True)
+@click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
+@click.option("--days", default=3650, show_default=True)
+def certs_ca(out: str, cn: str, rsa: bool, days: int) -> None:
+    """Create a CA (ca.crt, ca.key)."""
+    from dbmtls.pki import create_ca, describe
+
+    d = create_ca(out, common_name=cn, key_type="rsa" if rsa else "ecdsa", days=days)
+    click.echo(f"CA written to {d}: {describe(Path(d) / 'ca.crt')}")
+
+
+@certs.command("issue")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--server", "servers", multiple=True, help="Server name or IP (repeatable).")
+@click.option("--client", "client", default=None, help="Client certificate common name (e.g. the DB user).")
+@click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
+@click.option("--days", default=90, show_default=True)
+def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | None, rsa: bool, days: int) -> None:
+    """Issue a server (--server) and/or client (--client) certificate signed by the CA."""
+    from dbmtls.pki import describe, issue
+
+    if not servers and not client:
+        raise click.UsageError("give --server NAME (repeatable) and/or --client CN")
+    try:
+        d = issue(ca_dir, out, server_names=servers, client_cn=client, key_type="rsa" if rsa else "ecdsa", days=days)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"certificate written to {d}: {describe(Path(d) / 'tls.crt')}")
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (certificates, logs).")
+def demo(keep: bool) -> None:
+    """The seed scenario on this machine: mTLS-only Redis refuses plaintext; through dbmtls it answers."""
+    from dbmtls.demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,79 @@
+"""Redis (RESP) pieces dbmtls needs: error replies and counting requests.
+
+Redis speaks TLS from the first byte, so there is no handshake to drive; what
+RESP needs is a way to *say* what went wrong.  When the upstream cannot be
+reached, dbmtls answers each request the app sends with a simple error
+``-ERR dbmtls: ...`` for a short while, then closes: a client that swallows the
+reply to a connect-time command (``CLIENT SETINFO``, ``HELLO``) still shows the
+error for its next command.  ``RequestCounter`` finds request boundaries in a
+byte stream (multibulk ``*N`` arrays of ``$len`` bulk strings, or inline
+commands ended by a newline), bounded in what it keeps.
+"""
+
+from __future__ import annotations
+
+from dbmtls.errors import DbmtlsError
+
+MAX_LINE = 64 * 1024
+
+
+def error_reply(err: DbmtlsError) -> bytes:
+    """``-ERR <text>\\r\\n``; the text is single-line ASCII, so no CRLF injection is possible."""
+    text = err.wire_text()
+    hint = err.wire_hint()
+    if hint:
+        text = f"{text} (hint: {hint})"
+    return f"-ERR {text}\r\n".encode("ascii")
+
+
+class RequestCounter:
+    """Counts complete RESP requests in a stream fed in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pending_args = 0  # bulk strings still expected in the current array
+        self._bulk_left = -1  # bytes (+2 for CRLF) still to skip in the current bulk; -1: none
+        self.broken = False  # not RESP: stop counting, the caller just closes
+
+    def feed(self, data: bytes) -> int:
+        """Feed bytes; return how many requests were completed by them."""
+        if self.broken:
+            return 0
+        self._buf += data
+        done = 0
+        while True:
+            if self._bulk_left >= 0:
+                take = min(self._bulk_left, len(self._buf))
+                del self._buf[:take]
+                self._bulk_left -= take
+                if self._bulk_left > 0:
+                    return done
+                self._bulk_left = -1
+                self._pending_args -= 1
+                if self._pending_args == 0:
+                    done += 1
+                continue
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > MAX_LINE:
+                    self.broken = True
+                return done
+            line = bytes(self._buf[:nl]).rstrip(b"\r")
+            del self._buf[: nl + 1]
+            if self._pending_args > 0:
+                if not line.startswith(b"$") or not line[1:].isdigit():
+                    self.broken = True
+                    return done
+                self._bulk_left = int(line[1:]) + 2
+                continue
+            if line.startswith(b"*"):
+                try:
+                    n = int(line[1:])
+                except ValueError:
+                    self.broken = True
+                    return done
+                if n <= 0:
+                    continue  # "*0" or "*-1": nothing to answer
+                self._pending_args = n
+            elif line.strip():
+                done += 1  # inline command (redis-cli in some modes, telnet)

@@ -1,0 +1,1 @@
+"""The asyncio layer: listeners, upstream dialing, per-protocol sessions and the relay."""

@@ -1,0 +1,166 @@
+"""The data path after the handshake: two protocol objects, one Python call per chunk.
+
+Each ``_Half`` is the protocol of one transport and writes what it reads into
+the other transport.  Everything else happens off the per-chunk path:
+
+* backpressure: when a transport's write buffer passes its high-water mark,
+  asyncio calls ``pause_writing`` on *its* protocol, which pauses reading on
+  the transport feeding it (and resumes at the low-water mark), so a slow
+  reader bounds memory at about the write-buffer limit per direction;
+* half-close: a TCP EOF is passed on with ``write_eof`` where the other side
+  can (plain TCP).  TLS cannot half-close in asyncio, so after the app's EOF
+  the server side stays open while it keeps sending and is closed once it has
+  been quiet for ``HALF_CLOSE_LINGER`` seconds (checked by a timer that compares
+  byte counters, not per chunk);
+* close: when one side is gone, the other is closed after its buffer drains.
+
+Byte counters are plain ints on the halves; metrics read them when scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+HALF_CLOSE_LINGER = 1.0
+
+
+class _Half(asyncio.Protocol):
+    __slots__ = ("eof", "nbytes", "peer", "relay", "transport", "write")
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.peer = peer
+        self.write = peer.write  # bound once: the hot path is this call and one addition
+        self.nbytes = 0
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.write(data)
+        self.nbytes += len(data)
+
+    def pause_writing(self) -> None:
+        # our transport's buffer is full: stop reading from the side that fills it
+        if not self.peer.is_closing():
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.is_closing():
+            self.peer.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.relay._half_eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._half_lost(self, exc)
+
+
+class Relay:
+    """Relays between an app transport and an upstream transport until both are closed."""
+
+    def __init__(
+        self,
+        app: asyncio.Transport,
+        upstream: asyncio.Transport,
+        *,
+        app_pending: bytes = b"",
+        upstream_pending: bytes = b"",
+        early_upstream_error: Callable[[BaseException], bytes | None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.error: BaseException | None = None
+        self._early = early_upstream_error
+        self._linger: asyncio.TimerHandle | None = None
+        self._lost = 0
+        self.app_t = app
+        self.up_t = upstream
+        self.from_app = _Half(self, app, upstream)
+        self.from_up = _Half(self, upstream, app)
+        for t in (app, upstream):
+            t.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        # Leftovers read by the handshake machines go first, in order.
+        if app_pending:
+            upstream.write(app_pending)
+            self.from_app.nbytes += len(app_pending)
+        if upstream_pending:
+            app.write(upstream_pending)
+            self.from_up.nbytes += len(upstream_pending)
+        app.set_protocol(self.from_app)
+        upstream.set_protocol(self.from_up)
+        for t in (app, upstream):
+            if t.is_closing():
+                # closed while the handshake finished: make sure both go
+                self._close_both()
+                break
+            t.resume_reading()
+
+    @property
+    def bytes_from_app(self) -> int:
+        return self.from_app.nbytes
+
+    @property
+    def bytes_from_upstream(self) -> int:
+        return self.from_up.nbytes
+
+    def app_eof_before_start(self) -> None:
+        """The app half-closed during the handshake: pass it on now."""
+        self.from_app.eof = True
+        if not self._half_eof(self.from_app):
+            self.app_t.close()
+
+    def _half_eof(self, half: _Half) -> bool:
+        peer = half.peer
+        if peer.can_write_eof():
+            if not peer.is_closing():
+                peer.write_eof()
+            if self.from_app.eof and self.from_up.eof:
+                self._close_both()
+            return True
+        if half is self.from_app:
+            # app done sending, server side is TLS: let the server finish its answers
+            self._arm_linger(self.from_up.nbytes)
+            return True
+        return False  # TLS side closed: our transport closes and connection_lost follows
+
+    def _arm_linger(self, seen: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._linger = loop.call_later(HALF_CLOSE_LINGER, self._linger_check, seen)
+
+    def _linger_check(self, seen: int) -> None:
+        if self.from_up.nbytes != seen and not self.up_t.is_closing():
+            self._arm_linger(self.from_up.nbytes)
+        else:
+            self._close_both()
+
+    def _half_lost(self, half: _Half, exc: Exception | None) -> None:
+        self._lost += 1
+        if exc is not None and self.error is None:
+            self.error = exc
+            if half is self.from_up and self.from_up.nbytes == 0 and self._early is not None:
+                # The server failed before its first byte: with TLS 1.3 a rejected client
+                # certificate shows up only now, as an alert.  Say so in the app's protocol.
+                message = self._early(exc)
+                if message and not self.app_t.is_closing():
+                    self.app_t.write(message)
+        peer = half.peer
+        if not peer.is_closing():
+            peer.close()  # flushes what is buffered first
+        if self._lost >= 2:
+            if self._linger is not None:
+                self._linger.cancel()
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def _close_both(self) -> None:
+        for t in (self.app_t, self.up_t):
+            if not t.is_closing():
+                t.close()
+
+    def abort(self) -> None:
+        for t in (self.app_t, self.up_t):
+            t.abort()

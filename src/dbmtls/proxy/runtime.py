@@ -1,0 +1,90 @@
+"""Per-database runtime state: config, TLS material, counters, live connections.
+
+Counters are plain integers incremented once per connection (never per chunk);
+``dbmtls.admin.metrics`` turns them into Prometheus metrics when scraped, adding
+the byte counts of connections that are still open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dbmtls.config.model import DatabaseConfig
+from dbmtls.errors import DbmtlsError
+from dbmtls.tls.material import ClientTLS
+
+if TYPE_CHECKING:
+    from dbmtls.proxy.endpoint import Endpoint
+    from dbmtls.proxy.relay import Relay
+
+# Histogram buckets (seconds) for upstream connect and TLS handshake durations.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.n += 1
+        self.total += seconds
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    closed: int = 0
+    bytes_from_app: int = 0  # of closed connections; live ones are added at scrape time
+    bytes_from_upstream: int = 0
+    handshake_failures: Counter[str] = field(default_factory=Counter)
+    app_protocol_errors: int = 0
+    connect_seconds: Histogram = field(default_factory=Histogram)
+    handshake_seconds: Histogram = field(default_factory=Histogram)
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+
+
+class DatabaseRuntime:
+    def __init__(self, db: DatabaseConfig, alpn: tuple[str, ...] = ()) -> None:
+        self.db = db
+        self.tls = ClientTLS(db, alpn)
+        self.stats = Stats()
+        self.active: set[Conn] = set()
+        self.listening = False
+
+    @property
+    def name(self) -> str:
+        return self.db.name
+
+
+@dataclass(eq=False)
+class Conn:
+    """Bookkeeping of one app connection, for the close log line and metrics."""
+
+    rt: DatabaseRuntime
+    app: Endpoint
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    user: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    error: DbmtlsError | None = None
+    relay: Relay | None = None
+    note: str | None = None  # e.g. "cancel request"
+
+    @property
+    def bytes_from_app(self) -> int:
+        return self.relay.bytes_from_app if self.relay else 0
+
+    @property
+    def bytes_from_upstream(self) -> int:
+        return self.relay.bytes_from_upstream if self.relay else 0

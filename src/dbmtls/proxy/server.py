@@ -1,0 +1,234 @@
+"""The process: listeners, one task per app connection, reload and graceful drain.
+
+Start-up order: build every database's TLS material (a failure is logged and
+makes the database not ready, so /readyz and the app's errors explain it, and a
+later fix of the files is picked up by the reloader), then bind every listener
+(a bind failure is fatal: nothing useful can run on a port we do not have).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from dbmtls.config.model import Config, DatabaseConfig, split_host_port
+from dbmtls.errors import ConfigError, DbmtlsError
+from dbmtls.logs import CONN_LOG, LOG
+from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.runtime import Conn, DatabaseRuntime
+from dbmtls.proxy.sessions.direct import plain_session, redis_session
+
+Session = Callable[[Conn], Awaitable[None]]
+
+
+def session_for(protocol: str) -> Session:
+    if protocol == "redis":
+        return redis_session
+    if protocol in ("postgres", "cockroachdb"):
+        from dbmtls.proxy.sessions.postgres import postgres_session
+
+        return postgres_session
+    if protocol in ("mysql", "mariadb"):
+        from dbmtls.proxy.sessions.mysql import mysql_session
+
+        return mysql_session
+    return plain_session
+
+
+def alpn_for(db: DatabaseConfig) -> tuple[str, ...]:
+    # ALPN only where the protocol defines one (protocols.md rule 0.3).
+    return ("postgresql",) if db.protocol in ("postgres", "cockroachdb") else ()
+
+
+class _Accepted(Endpoint):
+    def __init__(self, proxy: Proxy, rt: DatabaseRuntime) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._rt = rt
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._proxy._accepted(self, self._rt)
+
+
+def _peer_name(ep: Endpoint) -> str:
+    peer = ep.transport.get_extra_info("peername") if ep.transport else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "unix" if not peer else str(peer)
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runtimes = {db.name: DatabaseRuntime(db, alpn_for(db)) for db in config.databases}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.stopped = asyncio.Event()
+
+    # --- start-up ------------------------------------------------------------------
+
+    def load_material(self) -> list[str]:
+        """Load every database's TLS files; return the problems (also logged)."""
+        problems = []
+        for rt in self.runtimes.values():
+            try:
+                m = rt.tls.load()
+                for w in m.warnings:
+                    LOG.warning(w, extra={"fields": {"db": rt.name}})
+                if rt.db.tls.insecureSkipVerify:
+                    LOG.warning(
+                        "insecureSkipVerify is on: the server certificate and name are NOT verified",
+                        extra={"fields": {"db": rt.name}},
+                    )
+            except ConfigError as exc:
+                problems.append(f"{rt.name}: {exc.message}")
+                LOG.error("TLS material not loaded", extra={"fields": {"db": rt.name, "error": exc.message}})
+        return problems
+
+    async def start(self) -> None:
+        self.load_material()
+        loop = asyncio.get_running_loop()
+        for rt in self.runtimes.values():
+            listen = rt.db.listen
+
+            def factory(rt: DatabaseRuntime = rt) -> _Accepted:
+                return _Accepted(self, rt)
+
+            try:
+                if listen.startswith("unix:"):
+                    path = listen[len("unix:") :]
+                    _remove_stale_socket(path)
+                    server = await loop.create_unix_server(factory, path, backlog=1024)
+                    os.chmod(path, 0o660)
+                else:
+                    host, port = split_host_port(listen)
+                    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+            except OSError as exc:
+                await self.close_listeners()
+                raise ConfigError(
+                    f"cannot listen on {listen}: {exc.strerror or exc}", path=f"databases[{rt.name}].listen"
+                ) from None
+            self._servers.append(server)
+            rt.listening = True
+            LOG.info(
+                "listening",
+                extra={
+                    "fields": {
+                        "db": rt.name,
+                        "protocol": rt.db.protocol,
+                        "listen": listen,
+                        "upstream": rt.db.address,
+                        "tls": rt.db.tls.mode,
+                    }
+                },
+            )
+
+    # --- connections -----------------------------------------------------------------
+
+    def _accepted(self, ep: Endpoint, rt: DatabaseRuntime) -> None:
+        if self.draining:
+            ep.abort()
+            return
+        conn = Conn(rt, ep, _peer_name(ep))
+        rt.stats.accepted += 1
+        rt.active.add(conn)
+        task = asyncio.get_running_loop().create_task(self._run(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: Conn) -> None:
+        rt = conn.rt
+        try:
+            await session_for(rt.db.protocol)(conn)
+        except DbmtlsError as err:
+            conn.error = err.with_database(rt.name)
+            conn.app.close()
+        except asyncio.CancelledError:
+            if conn.relay:
+                conn.relay.abort()
+            conn.app.abort()
+            raise
+        except Exception:
+            LOG.exception("internal error on a connection", extra={"fields": {"db": rt.name}})
+            conn.app.abort()
+        finally:
+            rt.active.discard(conn)
+            rt.stats.closed += 1
+            rt.stats.bytes_from_app += conn.bytes_from_app
+            rt.stats.bytes_from_upstream += conn.bytes_from_upstream
+            if conn.error is not None:
+                reason = conn.error.reason
+                if reason in ("app_protocol",):
+                    rt.stats.app_protocol_errors += 1
+                else:
+                    rt.stats.handshake_failures[reason] += 1
+            self._log_close(conn)
+
+    def _log_close(self, conn: Conn) -> None:
+        err = conn.error
+        fields = {
+            "db": conn.rt.name,
+            "client": conn.peer,
+            "user": conn.user,
+            "bytes_in": conn.bytes_from_app,
+            "bytes_out": conn.bytes_from_upstream,
+            "duration": f"{time.monotonic() - conn.started:.3f}s",
+            "tls": conn.tls_version,
+            "cipher": conn.cipher,
+            "note": conn.note,
+        }
+        if err is None:
+            CONN_LOG.info("connection closed", extra={"fields": fields})
+        else:
+            fields["reason"] = err.reason
+            fields["error"] = err.message
+            CONN_LOG.warning("connection failed", extra={"fields": fields})
+
+    # --- shutdown --------------------------------------------------------------------
+
+    async def close_listeners(self) -> None:
+        for s in self._servers:
+            s.close()
+        for rt in self.runtimes.values():
+            rt.listening = False
+            if rt.db.listen.startswith("unix:"):
+                path = rt.db.listen[len("unix:") :]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._servers.clear()
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, let open connections finish for ``grace`` seconds, then close the rest."""
+        if self.draining:
+            return
+        self.draining = True
+        active = sum(len(rt.active) for rt in self.runtimes.values())
+        LOG.info("draining", extra={"fields": {"open_connections": active, "timeout": f"{grace:g}s"}})
+        await self.close_listeners()
+        if self._tasks:
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            if pending:
+                LOG.warning("drain timeout: closing remaining connections", extra={"fields": {"count": len(pending)}})
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=5)
+        self.stopped.set()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A unix socket file nobody listens on (left by a crash) may be replaced; a live one may not."""
+    if not os.path.exists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        os.unlink(path)
+    finally:
+        s.close()

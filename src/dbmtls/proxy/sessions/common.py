@@ -1,0 +1,47 @@
+"""What every session does once the handshake is over: relay, then account."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dbmtls.errors import DbmtlsError
+from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.relay import Relay
+from dbmtls.proxy.runtime import Conn
+from dbmtls.tls.context import classify
+
+
+def classify_late(conn: Conn, exc: BaseException) -> DbmtlsError:
+    """An upstream failure after the handshake but before the server's first byte.
+
+    With TLS 1.3 the server checks our certificate after *our* side of the handshake is
+    complete, so a rejected client certificate arrives as an alert on the first read.
+    """
+    host, port = conn.rt.db.dial_target
+    err = classify(exc, target=f"{host}:{port}", server_name=conn.rt.db.server_name)
+    err.with_database(conn.rt.name)
+    conn.error = err
+    return err
+
+
+async def run_relay(
+    conn: Conn,
+    up: Endpoint,
+    *,
+    early: Callable[[BaseException], bytes | None] | None = None,
+    app_pending: bytes = b"",
+    upstream_pending: bytes = b"",
+) -> None:
+    app_t, app_buf = conn.app.detach()
+    up_t, up_buf = up.detach()
+    relay = Relay(
+        app_t,
+        up_t,
+        app_pending=app_pending + app_buf,
+        upstream_pending=upstream_pending + up_buf,
+        early_upstream_error=early,
+    )
+    conn.relay = relay
+    if conn.app.eof_seen:
+        relay.app_eof_before_start()
+    await relay.done

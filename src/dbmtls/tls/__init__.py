@@ -1,0 +1,1 @@
+"""TLS toward the database: contexts, verification, classified errors, certificate material."""

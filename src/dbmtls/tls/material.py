@@ -1,0 +1,197 @@
+"""The TLS identity of one database, loaded from files and swapped atomically.
+
+``ClientTLS.load()`` reads and validates *everything* (certificate chain parses,
+key matches certificate, not expired, CA bundle non-empty) into a new
+``Material`` and only then replaces the current one with a single attribute
+assignment.  A broken or half-written replacement therefore never makes things
+worse: the old material stays in use and the error says which file is wrong
+(ghostunnel's certloader does the same).  Open connections keep the context
+they were made with; new connections pick up the new one at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from dbmtls.config.model import DatabaseConfig
+from dbmtls.errors import ConfigError, IdentityError, TLSHandshakeError
+from dbmtls.tls.context import build_context
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    kind: str  # "client" or "ca"
+    path: str
+    subject: str
+    serial: int
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class Material:
+    default: ssl.SSLContext | None
+    by_user: dict[str, ssl.SSLContext]
+    certs: tuple[CertInfo, ...]
+    loaded_at: float
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _read_certs(path: str, what: str, yaml_path: str) -> list[x509.Certificate]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {path} not found", path=yaml_path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}", path=yaml_path) from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"{what} file {path} holds no PEM certificate (empty or truncated?)", path=yaml_path)
+    return certs
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _info(kind: str, path: str, cert: x509.Certificate) -> CertInfo:
+    return CertInfo(kind, path, cert.subject.rfc4514_string(), cert.serial_number, cert.not_valid_after_utc)
+
+
+def key_permission_warning(path: str) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"private key {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
+    return None
+
+
+class ClientTLS:
+    """Loads, validates and holds the TLS contexts of one database."""
+
+    def __init__(self, db: DatabaseConfig, alpn: Sequence[str] = ()) -> None:
+        self.db = db
+        self.alpn = tuple(alpn)
+        self.material: Material | None = None
+        self.last_error: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.db.tls.mode != "DISABLE"
+
+    def files(self) -> list[str]:
+        t = self.db.tls
+        out = [p for p in (t.clientCertificate, t.privateKey, t.caCertificates) if p]
+        for uc in t.userCertificates.values():
+            out += [uc.clientCertificate, uc.privateKey]
+        return out
+
+    def _context(self, cert: tuple[str, str] | None, yaml_path: str) -> ssl.SSLContext:
+        t = self.db.tls
+        try:
+            return _build(self.db, cert, self.alpn)
+        except ssl.SSLError as exc:
+            text = exc.reason or str(exc)
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise ConfigError(
+                    f"private key {cert[1] if cert else '?'} does not match certificate {cert[0] if cert else '?'}",
+                    path=f"{yaml_path}.privateKey",
+                ) from None
+            if cert is not None and ("PEM" in str(exc) or "KEY" in str(exc).upper()):
+                raise ConfigError(
+                    f"cannot load key pair {cert[0]} / {cert[1]}: {text}", path=f"{yaml_path}.privateKey"
+                ) from None
+            raise ConfigError(f"cannot build TLS context: {text}", path="tls.caCertificates") from None
+        except FileNotFoundError as exc:
+            raise ConfigError(f"file {exc.filename} not found", path=yaml_path) from None
+        except OSError as exc:
+            where = "caCertificates" if exc.filename == t.caCertificates else "privateKey"
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}", path=f"{yaml_path}.{where}") from None
+
+    def build(self, now: dt.datetime | None = None) -> Material:
+        """Read and validate every file; raise ConfigError naming the file and what is wrong."""
+        now = now or _now()
+        t = self.db.tls
+        certs: list[CertInfo] = []
+        warnings: list[str] = []
+        if not self.enabled:
+            return Material(None, {}, (), now.timestamp())
+        if t.caCertificates and not t.insecureSkipVerify:
+            for c in _read_certs(t.caCertificates, "CA bundle", "tls.caCertificates"):
+                certs.append(_info("ca", t.caCertificates, c))
+        pairs: list[tuple[str | None, str, str, str]] = []
+        if t.clientCertificate and t.privateKey:
+            pairs.append((None, t.clientCertificate, t.privateKey, "tls"))
+        for user, uc in t.userCertificates.items():
+            pairs.append((user, uc.clientCertificate, uc.privateKey, f"tls.userCertificates.{user}"))
+        by_user: dict[str, ssl.SSLContext] = {}
+        default: ssl.SSLContext | None = None
+        for who, cert_path, key_path, yaml_path in pairs:
+            leaf = _read_certs(cert_path, "client certificate", f"{yaml_path}.clientCertificate")[0]
+            if leaf.not_valid_after_utc <= now:
+                raise ConfigError(
+                    f"client certificate {cert_path} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z",
+                    path=f"{yaml_path}.clientCertificate",
+                )
+            if leaf.not_valid_before_utc > now:
+                raise ConfigError(
+                    f"client certificate {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z",
+                    path=f"{yaml_path}.clientCertificate",
+                )
+            if (w := key_permission_warning(key_path)) is not None:
+                warnings.append(w)
+            ctx = self._context((cert_path, key_path), yaml_path)
+            certs.append(_info("client", cert_path, leaf))
+            if who is None:
+                default = ctx
+            else:
+                by_user[who] = ctx
+        if default is None and not pairs:
+            default = self._context(None, "tls")  # SIMPLE: server verification only
+        return Material(default, by_user, tuple(certs), now.timestamp(), tuple(warnings))
+
+    def load(self) -> Material:
+        """Build and swap in new material; on error keep the old one and re-raise."""
+        try:
+            material = self.build()
+        except ConfigError as exc:
+            self.last_error = exc.message
+            raise
+        self.material = material
+        self.last_error = None
+        return material
+
+    def context_for(self, user: str | None) -> ssl.SSLContext | None:
+        """The context for a connection (None: TLS disabled).  Fail closed when nothing fits."""
+        if not self.enabled:
+            return None
+        m = self.material
+        if m is None:
+            raise TLSHandshakeError(
+                f"TLS material is not loaded: {self.last_error or 'not loaded yet'}",
+                hint="fix the certificate files; dbmtls reloads them automatically",
+            )
+        if user is not None and user in m.by_user:
+            return m.by_user[user]
+        if m.default is None:
+            raise IdentityError(
+                f"no client certificate configured for database user {user!r}",
+                hint=f"add {user!r} under tls.userCertificates, or connect as one of: {', '.join(sorted(m.by_user))}",
+            )
+        return m.default
+
+
+def _build(db: DatabaseConfig, cert: tuple[str, str] | None, alpn: Sequence[str]) -> ssl.SSLContext:
+    return build_context(db.tls, db.verify_names, db.server_name, cert, alpn)

@@ -1,0 +1,29 @@
+"""Shared fixtures: one throwaway PKI per session, real servers per module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.certs import PKI, make_pki
+from support.redis_server import RedisTLS
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def redis_tls(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisTLS]:
+    """mTLS-only Redis: port 0, tls-auth-clients yes (the seed scenario's step 4)."""
+    server = RedisTLS(tmp_path_factory.mktemp("redis"), pki.server, pki.ca_cert).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,1 @@
+"""Test support: certificates, free ports, running dbmtls and real servers."""

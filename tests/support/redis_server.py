@@ -1,0 +1,48 @@
+"""A real redis-server, TLS only, client certificates required, on a free port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from support.certs import Pair
+from support.net import free_port, wait_port
+
+
+class RedisTLS:
+    def __init__(self, workdir: Path, server: Pair, ca_cert: str, *, auth_clients: str = "yes") -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (make setup installs it)")
+        self.port = free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"redis-{self.port}.log"
+        self.cmd = [
+            "redis-server",
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--tls-cert-file", server.cert,
+            "--tls-key-file", server.key,
+            "--tls-ca-cert-file", ca_cert,
+            "--tls-auth-clients", auth_clients,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(workdir),
+            "--logfile", str(self.log_path),
+            "--maxclients", "1000",
+            "--proto-max-bulk-len", "64mb",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisTLS:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
