@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
 
 import uvloop
 
+from dbmtls.admin.server import AdminServer
 from dbmtls.config.model import Config
 from dbmtls.logs import LOG
 from dbmtls.proxy.server import Proxy
+from dbmtls.tls.reload import Reloader
 
 
 class App:
@@ -22,8 +23,8 @@ class App:
         self.config = config
         self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
         self.proxy = Proxy(config)
-        self.admin: Any = None
-        self.reloader: Any = None
+        self.admin: AdminServer | None = None
+        self.reloader: Reloader | None = None
         self._shutdown: asyncio.Task[None] | None = None
 
     def request_shutdown(self, why: str) -> None:
@@ -52,19 +53,10 @@ class App:
         return 0
 
     async def _start_extras(self) -> None:
-        """Admin server and certificate reloader (optional modules, started after the listeners)."""
-        try:
-            from dbmtls.tls.reload import Reloader
-        except ImportError:  # pragma: no cover - during bootstrap of the project
-            Reloader = None  # type: ignore[assignment,misc]  # noqa: N806
-        if Reloader is not None:
-            self.reloader = Reloader(self.proxy)
-            await self.reloader.start()
+        """Certificate reloader and admin server, started once the listeners are bound."""
+        self.reloader = Reloader(self.proxy)
+        await self.reloader.start()
         if self.admin_listen != "off":
-            try:
-                from dbmtls.admin.server import AdminServer
-            except ImportError:  # pragma: no cover
-                return
             self.admin = AdminServer(self, self.admin_listen)
             await self.admin.start()
 

@@ -87,6 +87,40 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--admin", "admin", default="127.0.0.1:15000", show_default=True, help="Admin server address.")
+@click.option("--timeout", "timeout", default="30s", show_default=True, help="How long to wait (e.g. 30s, 2m).")
+def wait(admin: str, timeout: str) -> None:
+    """Exit 0 once dbmtls is ready (GET /readyz answers 200); exit 1 on timeout, with the last reason."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from dbmtls.config.model import parse_duration
+
+    try:
+        limit = parse_duration(timeout)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timeout") from None
+    url = f"http://{admin}/readyz"
+    deadline = time.monotonic() + limit
+    last = "no answer yet"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 -- http to the admin address only
+                if resp.status == 200:
+                    click.echo("dbmtls is ready")
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace").strip()
+        except OSError as exc:
+            last = f"cannot reach {url}: {getattr(exc, 'reason', exc)}"
+        if time.monotonic() >= deadline:
+            click.echo(f"dbmtls: not ready after {timeout}: {last}", err=True)
+            sys.exit(1)
+        time.sleep(0.2)
+
+
 @main.group()
 def certs() -> None:
     """A development PKI: a CA and certificates shaped like cert-manager Secrets (tls.crt, tls.key, ca.crt)."""
