@@ -107,7 +107,7 @@ def wait(admin: str, timeout: str) -> None:
     last = "no answer yet"
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 -- http to the admin address only
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     click.echo("dbmtls is ready")
                     return

@@ -1,0 +1,26 @@
+# The two commands for a fresh machine:  make demo   and   make test
+.PHONY: setup demo test lint unit e2e bench clean
+
+setup:
+	scripts/setup.sh
+
+demo: setup
+	.venv/bin/dbmtls demo
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+	.venv/bin/mypy
+
+test: lint
+	.venv/bin/pytest -q
+
+unit: setup
+	.venv/bin/pytest -q tests/unit
+
+bench:
+	scripts/setup.sh bench
+	.venv/bin/python bench/run.py
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu machine for dbmtls: OS packages the tests and the
+# demo use (installed with apt when missing and we are root), and a virtualenv
+# with dbmtls and its test dependencies.  Safe to run again: it only adds what is missing.
+#   scripts/setup.sh          # runtime + tests + demo
+#   scripts/setup.sh bench    # also the proxies the benchmark compares against
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client)
+if [ "${1:-}" = "bench" ]; then
+  want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer)
+fi
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing OS packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing OS packages (install them as root): ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# PostgreSQL's binaries live outside PATH on Debian; the tests find them there.
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "setup: initdb not found after installing postgresql" >&2
+  exit 1
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "setup: done ($(.venv/bin/dbmtls version))"

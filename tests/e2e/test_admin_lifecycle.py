@@ -1,0 +1,215 @@
+"""The admin server over real HTTP, readiness, metrics, drain and exit codes (real redis-server)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.certs import PKI
+from support.net import free_port
+from support.proc import Dbmtls, tls_block
+from support.redis_server import RedisTLS
+
+
+def _get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _config(port: int, redis_port: int, tls: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "databases": [
+            {"name": "cache", "protocol": "redis", "listen": f"127.0.0.1:{port}", "address": f"localhost:{redis_port}"}
+            | {"tls": tls}
+        ],
+        **extra,
+    }
+
+
+def _metrics(proxy: Dbmtls) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, text = _get(proxy.admin_url + "/metrics")
+    assert status == 200
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _wait_metric(
+    proxy: Dbmtls, name: str, labels: tuple[tuple[str, str], ...], value: float
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    deadline = time.monotonic() + 10
+    while True:
+        m = _metrics(proxy)
+        if m[(name, labels)] == value or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def test_endpoints_metrics_match_traffic(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    port = free_port()
+    with Dbmtls(workdir, _config(port, redis_tls.port, tls_block(pki)), admin=True).start((port,)) as proxy:
+        assert _get(proxy.admin_url + "/healthz") == (200, "ok\n")
+        assert _get(proxy.admin_url + "/readyz") == (200, "ready\n")
+        db = (("database", "cache"),)
+        # the start-up probe (wait_port) is a connection too: count from when it is gone
+        base = _wait_metric(proxy, "dbmtls_connections_active", db, 0)
+        sent = 0
+        received = 0
+        for i in range(5):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                cmd = f"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${i + 1}\r\n{'x' * (i + 1)}\r\n".encode()
+                s.sendall(cmd)
+                sent += len(cmd)
+                reply = s.recv(100)
+                assert reply == b"+OK\r\n"
+                received += len(reply)
+        # a connection is counted closed once both of its sides are
+        m = _wait_metric(proxy, "dbmtls_connections_active", db, 0)
+
+        def delta(name: str, labels: tuple[tuple[str, str], ...] = db) -> float:
+            return m[(name, labels)] - base[(name, labels)]
+
+        assert delta("dbmtls_connections_accepted_total") == 5
+        assert delta("dbmtls_connections_closed_total") == 5
+        assert m[("dbmtls_connections_active", db)] == 0
+        assert delta("dbmtls_bytes_total", (("database", "cache"), ("direction", "app_to_upstream"))) == sent
+        assert delta("dbmtls_bytes_total", (("database", "cache"), ("direction", "upstream_to_app"))) == received
+        assert delta("dbmtls_upstream_tls_handshake_duration_seconds_count") == 5
+        assert m[("dbmtls_handshake_failures_total", (("database", "cache"), ("reason", "unknown_ca")))] == 0
+        not_after = [v for (name, labels), v in m.items() if name == "dbmtls_certificate_not_after_timestamp_seconds"]
+        assert len(not_after) == 2 and all(v > time.time() for v in not_after)  # client + CA
+
+        status, config = _get(proxy.admin_url + "/config")
+        assert status == 200 and "BEGIN" not in config and "PRIVATE" not in config
+        assert pki.client.key in config  # paths, not contents
+
+        assert _get(proxy.admin_url + "/loglevel", "POST", b"debug") == (200, "debug\n")
+        assert _get(proxy.admin_url + "/loglevel") == (200, "debug\n")
+        assert _get(proxy.admin_url + "/loglevel", "POST", b"chatty")[0] == 400
+        assert _get(proxy.admin_url + "/nope")[0] == 404
+        assert _get(proxy.admin_url + "/quitquitquit")[0] == 405
+
+        assert _get(proxy.admin_url + "/quitquitquit", "POST") == (200, "draining\n")
+        assert proxy.proc is not None
+        assert proxy.proc.wait(timeout=15) == 0
+
+
+def test_failure_metric_by_reason(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    port = free_port()
+    tls = tls_block(pki, ca=str(pki.other_ca / "ca.crt"))
+    with Dbmtls(workdir, _config(port, redis_tls.port, tls), admin=True).start((port,)) as proxy:
+        with pytest.raises(redis.ResponseError, match="not trusted"):
+            redis.Redis(port=port).ping()
+        log = proxy.wait_log("reason=unknown_ca")
+        m = _metrics(proxy)
+        # one per failed connection, the start-up probe included: the same count as the log lines
+        failures = m[("dbmtls_handshake_failures_total", (("database", "cache"), ("reason", "unknown_ca")))]
+        assert failures == log.count("reason=unknown_ca") >= 1
+        assert m[("dbmtls_handshake_failures_total", (("database", "cache"), ("reason", "name_mismatch")))] == 0
+
+
+def test_readiness_follows_missing_cert_then_recovers(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    """A client cert missing at start: not ready (503 naming the file), apps get an error; once it appears: ready."""
+    certs = workdir / "certs"
+    certs.mkdir()
+    shutil.copy(pki.client.ca, certs / "ca.crt")
+    port = free_port()
+    tls = tls_block(pki) | {
+        "clientCertificate": str(certs / "tls.crt"),
+        "privateKey": str(certs / "tls.key"),
+        "caCertificates": str(certs / "ca.crt"),
+    }
+    with Dbmtls(workdir, _config(port, redis_tls.port, tls), admin=True).start((port,)) as proxy:
+        status, body = _get(proxy.admin_url + "/readyz")
+        assert status == 503
+        assert "tls.crt" in body and "not found" in body
+        with pytest.raises(redis.ResponseError, match="TLS material is not loaded"):
+            redis.Redis(port=port).ping()
+        wait = subprocess.run(
+            [sys.executable, "-m", "dbmtls", "wait", "--admin", proxy.admin_url[7:], "--timeout", "1s"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert wait.returncode == 1 and "not found" in wait.stderr
+
+        shutil.copy(pki.client.key, certs / "tls.key")
+        shutil.copy(pki.client.cert, certs / "tls.crt")
+        wait = subprocess.run(
+            [sys.executable, "-m", "dbmtls", "wait", "--admin", proxy.admin_url[7:], "--timeout", "20s"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert wait.returncode == 0, wait.stderr
+        assert redis.Redis(port=port).ping()
+
+
+def test_sigterm_drains_open_connection_then_exits_zero(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    port = free_port()
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s")
+    with Dbmtls(workdir, config).start((port,)) as proxy:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$9\r\nnever-set\r\n$1\r\n2\r\n")  # blocks 2 s server-side
+        time.sleep(0.3)  # let the request reach Redis before the signal
+        started = time.monotonic()
+        proxy.signal(15)
+        proxy.wait_log("draining")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        reply = s.recv(100)
+        assert reply == b"*-1\r\n"  # the in-flight request finished during the drain
+        assert proxy.proc is not None and proxy.proc.poll() is None  # still waiting for us
+        s.close()
+        assert proxy.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 20
+
+
+def test_drain_timeout_closes_idle_connections(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    port = free_port()
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="1s")
+    with Dbmtls(workdir, config).start((port,)) as proxy:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"PING\r\n")
+        assert s.recv(10) == b"+PONG\r\n"
+        started = time.monotonic()
+        proxy.signal(15)
+        assert proxy.proc is not None
+        assert proxy.proc.wait(timeout=10) == 0
+        assert 0.9 < time.monotonic() - started < 8
+        assert s.recv(10) == b""  # closed by dbmtls at the end of the drain
+        s.close()
+        assert "drain timeout" in proxy.log()
+
+
+def test_json_logs(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    import json
+
+    port = free_port()
+    with Dbmtls(workdir, _config(port, redis_tls.port, tls_block(pki)), args=("--log-format", "json")).start(
+        (port,)
+    ) as proxy:
+        assert redis.Redis(port=port).ping()
+        proxy.wait_log('"connection closed"')
+        proxy.stop()
+    lines = [json.loads(line) for line in proxy.log().splitlines() if line.startswith("{")]
+    closed = [r for r in lines if r["msg"] == "connection closed"]
+    assert closed and closed[0]["db"] == "cache" and closed[0]["tls"].startswith("TLSv1.")
+    assert all("BEGIN" not in json.dumps(r) for r in lines)
