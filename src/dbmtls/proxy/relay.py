@@ -44,8 +44,7 @@ class _Half(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # our transport's buffer is full: stop reading from the side that fills it
-        if not self.peer.is_closing():
-            self.peer.pause_reading()
+        pass
 
     def resume_writing(self) -> None:
         if not self.peer.is_closing():
@@ -120,7 +119,9 @@ class Relay:
                 peer.write_eof()
             if self.from_app.eof and self.from_up.eof:
                 self._close_both()
-            return True
+            # A TLS transport cannot stay half-open (it closes itself after EOF whatever we
+            # return) and logs a warning for every True: say False there.
+            return half.transport.get_extra_info("ssl_object") is None
         if half is self.from_app:
             # app done sending, server side is TLS: let the server finish its answers
             self._arm_linger(self.from_up.nbytes)
