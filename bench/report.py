@@ -1,0 +1,106 @@
+"""Markdown tables from the samples: medians per (load, target), laid out like the anchors table."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+
+from bench.suites import Sample
+
+UNITS = {"redis": ("req/s", "req"), "pg": ("tps", "tx"), "mysql": ("queries/s", "queries")}
+# Relays that, like dbmtls, open one server connection per client connection; PgBouncer pools
+# server connections, so it is compared separately (it wins any new-connection-per-transaction load).
+RELAYS = ("stunnel", "HAProxy", "nginx")
+POOLERS = ("PgBouncer",)
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return ""
+    return f"{v:,.{digits}f}"
+
+
+def _ordered(items: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for i in items:
+        if i not in seen:
+            seen.append(i)
+    return seen
+
+
+def suite_table(suite: str, samples: list[Sample]) -> str:
+    mine = [s for s in samples if s.suite == suite]
+    if not mine:
+        return ""
+    rate_unit, op_unit = UNITS[suite]
+    loads = _ordered(s.load for s in mine)
+    cols = _ordered(s.target for s in mine)
+    lines = ["| load | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for load in loads:
+        rate_row, cpu_row = [f"{load} {rate_unit}"], [f"... proxy CPU s / 100k {op_unit}"]
+        for col in cols:
+            runs = [s for s in mine if s.load == load and s.target == col]
+            good = [s for s in runs if s.error is None]
+            if not good:
+                rate_row.append("n/a (error)" if runs else "")
+                cpu_row.append("")
+                continue
+            flag = f" ({len(runs) - len(good)} failed)" if len(good) < len(runs) else ""
+            rate_row.append(_fmt(_median(s.rate for s in good)) + flag)
+            cpu_row.append(_fmt(_median(s.cpu_per_100k for s in good), 2))
+        lines.append("| " + " | ".join(rate_row) + " |")
+        if any(c for c in cpu_row[1:]):
+            lines.append("| " + " | ".join(cpu_row) + " |")
+    return "\n".join(lines)
+
+
+def comparison(suite: str, samples: list[Sample]) -> list[str]:
+    """dbmtls's medians as ratios to the best other proxy in the same run (the number that travels)."""
+    out = []
+    mine = [s for s in samples if s.suite == suite and s.error is None]
+    for load in _ordered(s.load for s in mine):
+
+        def med(target: str, attr: str, load: str = load) -> float | None:
+            return _median(getattr(s, attr) for s in mine if s.load == load and s.target == target)
+
+        names = _ordered(s.target for s in mine)
+        relays = [t for t in names if t.startswith(RELAYS)]
+        poolers = [t for t in names if t.startswith(POOLERS)]
+        for me in [t for t in names if t.startswith("dbmtls")]:
+            rate, mine_cpu = med(me, "rate"), med(me, "cpu_per_100k")
+            if rate is None:
+                continue
+            parts = []
+            best_rate = max(((med(o, "rate") or 0.0, o) for o in relays), default=(0.0, ""))
+            if best_rate[0]:
+                parts.append(f"{rate / best_rate[0]:.2f}x the throughput of the fastest relay ({best_rate[1]})")
+            cpus = [(c, o) for o in relays if (c := med(o, "cpu_per_100k")) is not None]
+            if cpus and mine_cpu is not None:
+                c, o = min(cpus)
+                parts.append(f"{mine_cpu / c:.2f}x the CPU per 100k of the leanest relay ({o})")
+            for p in poolers:
+                p_rate, p_cpu = med(p, "rate"), med(p, "cpu_per_100k")
+                if p_rate:
+                    cpu = f", {mine_cpu / p_cpu:.2f}x its CPU per 100k" if p_cpu and mine_cpu is not None else ""
+                    parts.append(f"{rate / p_rate:.2f}x the throughput of {p}{cpu}")
+            direct = med("direct TLS", "rate")
+            if direct:
+                parts.append(f"{rate / direct:.2f}x direct TLS")
+            if parts:
+                out.append(f"- {load}, {me}: " + "; ".join(parts))
+    return out
+
+
+def raw_runs(samples: list[Sample]) -> str:
+    lines = ["| suite | load | target | rate | ops | proxy CPU s | CPU s / 100k | error |", "|---" * 8 + "|"]
+    for s in samples:
+        lines.append(
+            f"| {s.suite} | {s.load} | {s.target} | {_fmt(s.rate)} | {s.ops} | {_fmt(s.cpu, 2)} | "
+            f"{_fmt(s.cpu_per_100k, 2)} | {(s.error or '').replace('|', '/')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Side-by-side benchmarks: dbmtls against stunnel, HAProxy, nginx and PgBouncer on this machine.
+
+    .venv/bin/python bench/run.py [--suite redis,pg,mysql] [--repeat N] [--metrics off|on|both]
+                                  [--redis-n 100000,1000000,15000] [--duration 6] [--mysql-queries 40000]
+                                  [--scale 0.1] [--only dbmtls,stunnel] [--out bench/results/<ts>.md] [--keep]
+
+Everything generated (PKI, configs, data directories, logs) lives in one temp
+dir, removed at the end unless --keep.  Results are printed as Markdown and
+written under bench/results/ (gitignored).  See bench/README.md for what the
+columns mean and the caveats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _versions() -> list[str]:
+    probes = [
+        ("redis-server", ["redis-server", "--version"]),
+        ("postgres", ["/usr/lib/postgresql/15/bin/postgres", "--version"]),
+        ("mariadbd", ["mariadbd", "--version"]),
+        ("stunnel", ["stunnel4", "-version"]),
+        ("haproxy", ["haproxy", "-v"]),
+        ("nginx", ["nginx", "-v"]),
+        ("pgbouncer", ["pgbouncer", "--version"]),
+    ]
+    out = []
+    for name, cmd in probes:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = (p.stdout + p.stderr).splitlines()
+        line = next((ln for ln in text if any(ch.isdigit() for ch in ln) and "inetd" not in ln), "")
+        out.append(f"{name}: {line.strip()}")
+    return out
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="redis,pg,mysql", help="comma-separated: redis, pg, mysql")
+    p.add_argument("--repeat", type=int, default=3, help="runs per (load, target); medians are reported")
+    p.add_argument(
+        "--metrics",
+        choices=["off", "on", "both"],
+        default="off",
+        help="dbmtls with --admin off, with the admin/metrics server on, or both as two columns",
+    )
+    p.add_argument(
+        "--redis-n", default="100000,1000000,15000", help="redis-benchmark -n of the 3 loads (-P 1, -P 32, -d 65536)"
+    )
+    p.add_argument("--duration", type=int, default=6, help="pgbench -T seconds per run")
+    p.add_argument("--pg-scale", type=int, default=10, help="pgbench -i -s")
+    p.add_argument("--mysql-queries", type=int, default=40000, help="mariadb-slap --number-of-queries (SELECT load)")
+    p.add_argument("--mysql-connects", type=int, default=150, help="mariadb-slap --iterations (connection load)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply request counts and durations (0.1: quick check)")
+    p.add_argument("--only", default="", help="comma-separated target names to run (e.g. dbmtls,stunnel)")
+    p.add_argument("--out", default=None, help="Markdown output file (default bench/results/<timestamp>.md)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    # bench/ and tests/support/ are imported as packages from the repository root.
+    for path in (ROOT, ROOT / "tests"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    from bench import report
+    from bench.suites import SUITES, Options
+
+    from support.certs import make_pki
+
+    args = _parse(argv)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        print(f"unknown suite(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}", file=sys.stderr)
+        return 2
+    n = [max(100, int(int(x) * args.scale)) for x in args.redis_n.split(",")]
+    if len(n) != 3:
+        print("--redis-n takes three numbers", file=sys.stderr)
+        return 2
+    opts = Options(
+        repeat=args.repeat,
+        metrics=args.metrics,
+        only=tuple(o.strip() for o in args.only.split(",") if o.strip()),
+        redis_n=(n[0], n[1], n[2]),
+        pg_duration=max(1, round(args.duration * args.scale)),
+        pg_scale=args.pg_scale,
+        mysql_queries=max(100, int(args.mysql_queries * args.scale)),
+        mysql_connects=max(5, int(args.mysql_connects * args.scale)),
+        log=lambda line: print(line, flush=True),
+    )
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{stamp}.md"
+    workdir = Path(tempfile.mkdtemp(prefix="dbmtls-bench-"))
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    failures: list[str] = []
+    try:
+        pki = make_pki(workdir / "pki")
+        for name in suites:
+            print(f"== {name}", flush=True)
+            try:
+                SUITES[name](workdir, pki, opts)
+            except Exception as exc:  # one broken suite must not lose the others' numbers
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                print(f"suite {name} failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        if args.keep:
+            print(f"temp dir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    parts = [
+        f"# dbmtls side-by-side benchmark, {stamp}",
+        "",
+        f"- host: {platform.node()}, {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, "
+        f"after {os.getloadavg()[0]:.2f}; took {elapsed:.0f}s",
+        f"- options: suites={','.join(suites)} repeat={opts.repeat} metrics={opts.metrics} "
+        f"redis -n={list(opts.redis_n)} "
+        f"pgbench -T={opts.pg_duration}s scale={opts.pg_scale} mysql queries={opts.mysql_queries} "
+        f"connects={opts.mysql_connects}",
+        *(f"- {v}" for v in _versions()),
+        "",
+        "Medians over the repeats. Proxy CPU = user+system seconds of the proxy process(es) over the run, "
+        "per 100,000 operations. Compare ratios within this run only (see bench/README.md).",
+    ]
+    for name in suites:
+        table = report.suite_table(name, opts.samples)
+        if table:
+            parts += ["", f"## {name}", "", table]
+            cmp = report.comparison(name, opts.samples)
+            if cmp:
+                parts += ["", *cmp]
+    if failures:
+        parts += ["", "## suites that failed", "", *(f"- {f}" for f in failures)]
+    parts += ["", "## every run", "", report.raw_runs(opts.samples), ""]
+    text = "\n".join(parts)
+    print()
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

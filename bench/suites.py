@@ -1,0 +1,412 @@
+"""The three suites: Redis (issue 2), PostgreSQL (issue 3), MySQL/MariaDB (issue 4).
+
+A suite starts one server and every proxy once, checks each path with a small
+load (no errors, and the server really saw the requests), then runs each load
+``repeat`` times, rotating the order of the targets on every round so no
+target always runs first or right after a heavy one.  Proxies that are not
+being measured sit idle, so they cost nothing while another one runs.
+
+Guarding against fake-fast numbers: redis-benchmark counts error replies as
+completed requests, so every Redis run is checked against the server's own
+``keyspace_hits``; every MariaDB run against ``Com_select``.  pgbench checks
+each result itself and reports failed transactions; a run with any error is
+recorded as an error, never as a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import targets
+from bench.procstat import cpu_of
+from bench.servers import Redis
+
+from support.certs import PKI
+
+
+@dataclass
+class Sample:
+    suite: str
+    load: str
+    target: str
+    rate: float | None  # requests / transactions / queries per second, as the load generator reports it
+    ops: int  # requests / transactions / queries completed in the run
+    cpu: float | None  # proxy CPU seconds over the run; None when the client talks to the server itself
+    error: str | None = None
+
+    @property
+    def cpu_per_100k(self) -> float | None:
+        if self.cpu is None or not self.ops:
+            return None
+        return self.cpu / self.ops * 100_000
+
+
+@dataclass
+class Leg:
+    """One column of the table: how the load generator reaches the server."""
+
+    name: str
+    client: list[str]  # the load generator's connection arguments for this path
+    proxy: targets.Proxy | None = None
+    error: str | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return self.proxy.pids if self.proxy is not None else []
+
+
+@dataclass
+class Options:
+    repeat: int = 3
+    metrics: str = "off"  # off | on | both: dbmtls with --admin off, with the admin/metrics server, or both
+    only: tuple[str, ...] = ()  # target names to run (empty: all)
+    redis_n: tuple[int, int, int] = (100_000, 1_000_000, 15_000)
+    pg_duration: int = 6  # pgbench -T takes whole seconds
+    pg_scale: int = 10
+    mysql_queries: int = 40_000
+    mysql_connects: int = 150
+    log: Callable[[str], None] = print
+    samples: list[Sample] = field(default_factory=list)
+
+
+class RunError(Exception):
+    pass
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"{cmd[0]} did not finish in {timeout:.0f}s (a proxy hanging?)") from None
+
+
+def _first_line(text: str) -> str:
+    """The line that says what went wrong: the first mentioning an error, else the first."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    pick = next((ln for ln in lines if "rror" in ln or "failed" in ln.lower()), lines[0] if lines else "")
+    return pick[:200]
+
+
+def _wanted(opts: Options, name: str) -> bool:
+    return not opts.only or any(o.lower() in name.lower() for o in opts.only)
+
+
+def _dbmtls_variants(opts: Options) -> list[tuple[str, bool]]:
+    return {
+        "off": [("dbmtls", False)],
+        "on": [("dbmtls", True)],
+        "both": [("dbmtls", False), ("dbmtls+metrics", True)],
+    }[opts.metrics]
+
+
+@contextlib.contextmanager
+def _started(legs: list[Leg], opts: Options) -> Iterator[list[Leg]]:
+    try:
+        for leg in legs:
+            if leg.proxy is None:
+                continue
+            try:
+                leg.proxy.start()
+            except Exception as exc:
+                leg.error = f"did not start: {_first_line(str(exc))}"
+                opts.log(f"  {leg.name}: {leg.error}\n{exc}")
+        yield legs
+    finally:
+        for leg in legs:
+            if leg.proxy is not None:
+                leg.proxy.stop()
+
+
+def _rounds(
+    suite: str,
+    legs: list[Leg],
+    loads: list[tuple[str, Callable[[Leg], Sample]]],
+    opts: Options,
+    before_load: Callable[[str], None] | None = None,
+) -> None:
+    for load, run in loads:
+        if before_load is not None:
+            before_load(load)
+        for r in range(opts.repeat):
+            live = [leg for leg in legs if leg.error is None]
+            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            for leg in order:
+                try:
+                    sample = run(leg)
+                except RunError as exc:
+                    sample = Sample(suite, load, leg.name, None, 0, None, str(exc))
+                opts.samples.append(sample)
+                cpu = f" cpu/100k={sample.cpu_per_100k:.2f}s" if sample.cpu_per_100k is not None else ""
+                rate = f"{sample.rate:,.0f}/s" if sample.rate is not None else "-"
+                err = f" ERROR {sample.error}" if sample.error else ""
+                opts.log(f"  [{suite}] {load} #{r + 1} {leg.name}: {rate} ops={sample.ops}{cpu}{err}")
+
+
+def _verify(legs: list[Leg], check: Callable[[Leg], Sample], opts: Options) -> None:
+    """A small load through every path first: a target that errors is reported n/a, not measured."""
+    for leg in legs:
+        if leg.error is not None:
+            continue
+        try:
+            s = check(leg)
+        except RunError as exc:
+            leg.error = str(exc)
+        else:
+            if s.error is not None:
+                leg.error = s.error
+        if leg.error is not None:
+            opts.log(f"  {leg.name}: check failed, not measured: {leg.error}")
+            if leg.proxy is not None:
+                opts.log(f"    proxy log tail:\n{leg.proxy.service.tail(10)}")
+
+
+def _not_measured(suite: str, legs: list[Leg], loads: list[str], opts: Options) -> None:
+    for leg in legs:
+        if leg.error is not None:
+            for load in loads:
+                opts.samples.append(Sample(suite, load, leg.name, None, 0, None, leg.error))
+
+
+# ----------------------------------------------------------------------------------------------- Redis
+
+REDIS_LOADS = [
+    ("`-t get -c 50 -P 1`", ["-c", "50", "-P", "1"], 3),
+    ("`-t get -c 50 -P 32`", ["-c", "50", "-P", "32"], 3),
+    ("`-t get -c 4 -P 1 -d 65536`", ["-c", "4", "-P", "1"], 65536),
+]
+# redis-benchmark's GET reads this literal key (no -r): it must exist, or -d means nothing.
+REDIS_KEY = b"key:__rand_int__"
+
+
+def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
+    suite = "redis"
+    server = Redis(workdir, pki)
+    up = targets.Upstream(server.tls_port, "redis")
+    tls_args = ["--tls", "--cert", pki.client.cert, "--key", pki.client.key, "--cacert", pki.ca_cert]
+    legs = [
+        Leg("plaintext, no TLS", ["-p", str(server.plain_port)]),
+        Leg("direct TLS", ["-p", str(server.tls_port), *tls_args]),
+    ]
+    for label, metrics in _dbmtls_variants(opts):
+        legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+    legs += [
+        Leg("stunnel", [], targets.stunnel(workdir, pki, up)),
+        Leg("HAProxy", [], targets.haproxy(workdir, pki, up)),
+        Leg("nginx", [], targets.nginx(workdir, pki, up)),
+    ]
+    legs = [leg for leg in legs if _wanted(opts, leg.name)]
+
+    def bench(leg: Leg, load: str, args: list[str], n: int) -> Sample:
+        client = leg.client or ["-p", str(leg.proxy.port if leg.proxy else 0)]
+        cmd = ["redis-benchmark", "-h", "127.0.0.1", *client, "-t", "get", *args, "-n", str(n), "--csv"]
+        hits0 = server.hits()
+        cpu0 = cpu_of(leg.pids)
+        out = _run(cmd, timeout=max(120.0, n / 200))
+        cpu = cpu_of(leg.pids) - cpu0
+        served = server.hits() - hits0
+        rate = None
+        for row in csv.reader(io.StringIO(out.stdout)):
+            if row and row[0] == "GET":
+                rate = float(row[1])
+        error = None
+        if out.returncode != 0 or rate is None:
+            error = f"redis-benchmark exit {out.returncode}: {_first_line(out.stderr or out.stdout)}"
+        elif served < n:
+            # Error replies (NOAUTH, a proxy's own message) count as "requests" in redis-benchmark.
+            error = f"server answered {served} of {n} GETs with the value: {_first_line(out.stderr)}"
+        elif "error" in out.stderr.lower():
+            error = _first_line(out.stderr)
+        return Sample(suite, load, leg.name, rate, n, cpu if leg.proxy else None, error)
+
+    loads: list[tuple[str, Callable[[Leg], Sample]]] = []
+    sizes: dict[str, int] = {}
+    for (label, args, size), n in zip(REDIS_LOADS, opts.redis_n, strict=True):
+        sizes[label] = size
+        loads.append((label, lambda leg, label=label, args=args, n=n: bench(leg, label, args, n)))  # type: ignore[misc]
+
+    def set_value(load: str) -> None:
+        server.command(b"SET", REDIS_KEY, b"x" * sizes[load])
+
+    try:
+        server.start()
+        with _started(legs, opts):
+            set_value(REDIS_LOADS[0][0])
+            _verify(legs, lambda leg: bench(leg, "check", ["-c", "10", "-P", "4"], 2000), opts)
+            _not_measured(suite, legs, [ld[0] for ld in loads], opts)
+            _rounds(suite, legs, loads, opts, before_load=set_value)
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+PG_HBA = "local all all trust\nhostssl all all 127.0.0.1/32 cert clientcert=verify-full\n"
+PG_USER, PG_DB = "jinsu", "bench"
+_PG_NUM = {
+    "processed": re.compile(r"number of transactions actually processed: (\d+)"),
+    "failed": re.compile(r"number of failed transactions: (\d+)"),
+    "tps": re.compile(r"^tps = ([\d.]+)", re.M),
+}
+
+
+def pg_suite(workdir: Path, pki: PKI, opts: Options) -> None:
+    from support.pg_server import PostgresTLS
+
+    suite = "pg"
+    pg = PostgresTLS(pki.server, pki.ca_cert, hba=PG_HBA, max_connections=200)
+    try:
+        pg.start()
+        pg.create_user(PG_USER, database=PG_DB)
+        socket = ["-h", str(pg.sockdir), "-p", str(pg.port), "-U", PG_USER, PG_DB]
+        init = _run(["pgbench", "-i", "-q", "-s", str(opts.pg_scale), *socket], timeout=600)
+        if init.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed: {init.stderr}")
+        up = targets.Upstream(pg.port, "postgres")
+
+        def conn(port: int, extra: str = "") -> list[str]:
+            return [f"host=127.0.0.1 port={port} user={PG_USER} dbname={PG_DB} {extra}".strip()]
+
+        direct = f"sslmode=verify-full sslcert={pki.client.cert} sslkey={pki.client.key} sslrootcert={pki.ca_cert}"
+        legs = [Leg("direct TLS", [f"host=localhost port={pg.port} user={PG_USER} dbname={PG_DB} {direct}"])]
+        for label, metrics in _dbmtls_variants(opts):
+            # The app on libpq's default sslmode (prefer): dbmtls answers its SSLRequest with N.
+            legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+        # stunnel's pgsql protocol cannot answer the app's own SSLRequest: the app must say sslmode=disable.
+        stunnel = targets.stunnel(workdir, pki, up, protocol="pgsql")
+        legs.append(Leg("stunnel (`protocol=pgsql`)", ["sslmode=disable"], stunnel))
+        legs.append(Leg("PgBouncer", [], targets.pgbouncer(workdir, pki, up, db=PG_DB, user=PG_USER)))
+        legs = [leg for leg in legs if _wanted(opts, leg.name)]
+
+        def connstr(leg: Leg) -> list[str]:
+            if leg.proxy is None:
+                return leg.client
+            return conn(leg.proxy.port, " ".join(leg.client))
+
+        def bench(leg: Leg, load: str, args: list[str]) -> Sample:
+            cmd = ["pgbench", "-n", *args, *connstr(leg)]
+            cpu0 = cpu_of(leg.pids)
+            out = _run(cmd, timeout=opts.pg_duration * 3 + 60)
+            cpu = cpu_of(leg.pids) - cpu0
+            got = {k: rx.search(out.stdout) for k, rx in _PG_NUM.items()}
+            processed = int(got["processed"].group(1)) if got["processed"] else 0
+            failed = int(got["failed"].group(1)) if got["failed"] else 0
+            tps = float(got["tps"].group(1)) if got["tps"] else None
+            error = None
+            if out.returncode != 0 or failed or not processed or tps is None:
+                error = f"pgbench exit {out.returncode}, {failed} failed: {_first_line(out.stderr)}"
+            return Sample(suite, load, leg.name, tps, processed, cpu if leg.proxy else None, error)
+
+        t = str(opts.pg_duration)
+        pooled, churn = "pgbench `-S -c 8 -j 2`", "pgbench `-S -C -c 4 -j 2` (new connection per tx)"
+        loads: list[tuple[str, Callable[[Leg], Sample]]] = [
+            (pooled, lambda leg: bench(leg, pooled, ["-S", "-c", "8", "-j", "2", "-T", t])),
+            (churn, lambda leg: bench(leg, churn, ["-S", "-C", "-c", "4", "-j", "2", "-T", t])),
+        ]
+        with _started(legs, opts):
+            _verify(legs, lambda leg: bench(leg, "check", ["-S", "-c", "2", "-j", "1", "-t", "50"]), opts)
+            _not_measured(suite, legs, [ld[0] for ld in loads], opts)
+            _rounds(suite, legs, loads, opts)
+    finally:
+        pg.stop()
+
+
+# --------------------------------------------------------------------------------------------- MariaDB
+
+_SLAP_AVG = re.compile(r"Average number of seconds to run all queries: ([\d.]+) seconds")
+_SLAP_CLIENTS = re.compile(r"Number of clients running queries: (\d+)")
+_SLAP_PER_CLIENT = re.compile(r"Average number of queries per client: (\d+)")
+MYSQL_QUERY = "SELECT v FROM t WHERE id = 42"
+
+
+MYSQL_USER, MYSQL_PASSWORD = "jinsu", "benchpw"
+MYSQL_SETUP = """
+CREATE USER 'jinsu'@'%' IDENTIFIED BY 'benchpw' REQUIRE X509;
+GRANT ALL ON *.* TO 'jinsu'@'%';
+CREATE DATABASE bench;
+CREATE TABLE bench.t (id INT PRIMARY KEY, v VARCHAR(64));
+USE bench;
+INSERT INTO t SELECT seq, CONCAT('row ', seq) FROM seq_1_to_1000;
+"""
+
+
+def mysql_suite(workdir: Path, pki: PKI, opts: Options) -> None:
+    from support.mariadb_server import MariaDB
+
+    suite = "mysql"
+    db = MariaDB(pki.server, pki.ca_cert)  # require_secure_transport; the user below needs a client cert
+
+    def com_select() -> int:
+        return int(db.sql("SHOW GLOBAL STATUS LIKE 'Com_select'").split()[-1])
+
+    try:
+        db.start()
+        try:
+            db.sql(MYSQL_SETUP)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"MariaDB set-up failed: {exc.stderr!r}") from None
+        up = targets.Upstream(db.port, "mysql")
+        tls = ["--ssl", f"--ssl-ca={pki.ca_cert}", f"--ssl-cert={pki.client.cert}", f"--ssl-key={pki.client.key}"]
+        legs = [Leg("direct TLS", [f"--port={db.port}", *tls, "--ssl-verify-server-cert"])]
+        for label, metrics in _dbmtls_variants(opts):
+            # No TLS options at all: the app talks plaintext to dbmtls (MariaDB 10.11 clients default to no TLS).
+            legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+        legs = [leg for leg in legs if _wanted(opts, leg.name)]
+
+        def bench(leg: Leg, load: str, concurrency: int, queries: int, iterations: int) -> Sample:
+            client = leg.client or [f"--port={leg.proxy.port if leg.proxy else 0}"]
+            cmd = [
+                "mariadb-slap", "--no-defaults", "--protocol=tcp", "--host=127.0.0.1", *client,
+                f"--user={MYSQL_USER}", f"--password={MYSQL_PASSWORD}",
+                "--create-schema=bench", "--no-drop", f"--query={MYSQL_QUERY}",
+                f"--concurrency={concurrency}", f"--iterations={iterations}", f"--number-of-queries={queries}",
+            ]  # fmt: skip
+            before = com_select()
+            cpu0 = cpu_of(leg.pids)
+            started = time.monotonic()
+            out = _run(cmd, timeout=300)
+            wall = time.monotonic() - started
+            cpu = cpu_of(leg.pids) - cpu0
+            served = com_select() - before
+            avg, clients, per = (rx.search(out.stdout) for rx in (_SLAP_AVG, _SLAP_CLIENTS, _SLAP_PER_CLIENT))
+            error = None
+            rate = None
+            total = 0
+            if out.returncode != 0 or not (avg and clients and per):
+                error = f"mariadb-slap exit {out.returncode}: {_first_line(out.stderr or out.stdout)}"
+            else:
+                total = int(clients.group(1)) * int(per.group(1)) * iterations
+                seconds = float(avg.group(1)) * iterations
+                # mariadb-slap rounds its timings to milliseconds: fall back to wall time for tiny runs.
+                rate = total / seconds if seconds >= 0.05 else total / wall
+                if served < total:
+                    error = f"server ran {served} of {total} SELECTs"
+            return Sample(suite, load, leg.name, rate, total, cpu if leg.proxy else None, error)
+
+        q, conns = opts.mysql_queries, opts.mysql_connects
+        select_load = "mariadb-slap `-c 8` SELECT by primary key"
+        connect_load = f"mariadb-slap `-c 4`, 1 query per connection ({conns} rounds)"
+        loads: list[tuple[str, Callable[[Leg], Sample]]] = [
+            (select_load, lambda leg: bench(leg, select_load, 8, q, 1)),
+            (connect_load, lambda leg: bench(leg, connect_load, 4, 4, conns)),
+        ]
+        with _started(legs, opts):
+            _verify(legs, lambda leg: bench(leg, "check", 2, 200, 1), opts)
+            _not_measured(suite, legs, [ld[0] for ld in loads], opts)
+            _rounds(suite, legs, loads, opts)
+    finally:
+        db.stop()
+
+
+SUITES: dict[str, Callable[[Path, PKI, Options], None]] = {
+    "redis": redis_suite,
+    "pg": pg_suite,
+    "mysql": mysql_suite,
+}

@@ -1,0 +1,214 @@
+"""The proxies under test, each started from a config file written to the temp dir.
+
+Every proxy does the same job: plaintext on a loopback port toward the load
+generator, verified mutual TLS toward the server (chain against the test CA,
+host name ``localhost``, client certificate CN=jinsu).  Settings that change
+the work done (threads, workers) are pinned to one core's worth: HAProxy
+``nbthread 1``, nginx ``worker_processes 1``; stunnel and PgBouncer are what
+they are (stunnel: a thread per connection; PgBouncer: one thread).  Logging
+stays at each proxy's default level, as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import Service, as_user, chown_tree, free_port, wait_port
+
+from support.certs import PKI
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    port: int
+    protocol: str  # dbmtls protocol: redis, postgres, mysql
+    host: str = "127.0.0.1"  # where to dial
+    name: str = "localhost"  # the name the server certificate must carry
+
+
+class Proxy:
+    """A started proxy: `port` is where the app connects, `pids` are what CPU is charged to."""
+
+    def __init__(self, name: str, service: Service, *, extra_ports: tuple[int, ...] = ()) -> None:
+        self.name = name
+        self.service = service
+        self.extra_ports = extra_ports  # must listen too (dbmtls's admin server when measuring with metrics)
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.service.pid]
+
+    def start(self) -> Proxy:
+        self.service.start()
+        for port in self.extra_ports:
+            try:
+                wait_port(port, timeout=10)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"{self.name}: nothing listens on {port}; log:\n{self.service.tail()}") from None
+        return self
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+def _dir(workdir: Path, name: str) -> Path:
+    d = workdir / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def dbmtls(workdir: Path, pki: PKI, up: Upstream, *, metrics: bool = False, label: str = "dbmtls") -> Proxy:
+    d = _dir(workdir, label)
+    port = free_port()
+    config = {
+        "databases": [
+            {
+                "name": "bench",
+                "protocol": up.protocol,
+                "listen": f"127.0.0.1:{port}",
+                "address": f"{up.name}:{up.port}",
+                "dial": f"{up.host}:{up.port}",
+                "tls": {
+                    "mode": "MUTUAL",
+                    "clientCertificate": pki.client.cert,
+                    "privateKey": pki.client.key,
+                    "caCertificates": pki.ca_cert,
+                },
+            }
+        ]
+    }
+    cfg = d / "dbmtls.yaml"
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    admin_port = free_port() if metrics else None
+    admin = f"127.0.0.1:{admin_port}" if admin_port else "off"
+    cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(cfg), "--admin", admin]
+    extra = (admin_port,) if admin_port else ()
+    return Proxy(label, Service(label, cmd, d / "dbmtls.log", port=port), extra_ports=extra)
+
+
+def stunnel(workdir: Path, pki: PKI, up: Upstream, *, protocol: str | None = None) -> Proxy:
+    d = _dir(workdir, "stunnel")
+    port = free_port()
+    cfg = d / "stunnel.conf"
+    cfg.write_text(
+        "foreground = yes\n"
+        f"output = {d / 'stunnel.log'}\n"
+        f"pid =\n"
+        "[bench]\n"
+        "client = yes\n"
+        f"accept = 127.0.0.1:{port}\n"
+        f"connect = {up.host}:{up.port}\n"
+        + (f"protocol = {protocol}\n" if protocol else "")
+        + f"cert = {pki.client.cert}\n"
+        f"key = {pki.client.key}\n"
+        f"CAfile = {pki.ca_cert}\n"
+        "verifyChain = yes\n"
+        f"checkHost = {up.name}\n"
+        f"sni = {up.name}\n"
+    )
+    return Proxy("stunnel", Service("stunnel", ["stunnel4", str(cfg)], d / "stdout.log", port=port))
+
+
+def haproxy(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
+    d = _dir(workdir, "haproxy")
+    port = free_port()
+    pem = d / "client.pem"  # HAProxy wants certificate and key in one file
+    pem.write_text(Path(pki.client.cert).read_text() + Path(pki.client.key).read_text())
+    os.chmod(pem, 0o600)
+    cfg = d / "haproxy.cfg"
+    cfg.write_text(
+        "global\n"
+        "  nbthread 1\n"
+        "  maxconn 2000\n"
+        "defaults\n"
+        "  mode tcp\n"
+        "  timeout connect 5s\n"
+        "  timeout client 120s\n"
+        "  timeout server 120s\n"
+        "frontend fe\n"
+        f"  bind 127.0.0.1:{port}\n"
+        "  default_backend be\n"
+        "backend be\n"
+        f"  server db {up.host}:{up.port} ssl verify required ca-file {pki.ca_cert} crt {pem}"
+        f" sni str({up.name}) verifyhost {up.name}\n"
+    )
+    # -db: foreground, no daemon, a single process; SIGUSR1 is its soft stop.
+    cmd = ["haproxy", "-db", "-f", str(cfg)]
+    return Proxy("HAProxy", Service("haproxy", cmd, d / "haproxy.log", port=port, stop_signal=signal.SIGTERM))
+
+
+def nginx(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
+    d = _dir(workdir, "nginx")
+    port = free_port()
+    cfg = d / "nginx.conf"
+    cfg.write_text(
+        f"load_module {NGINX_STREAM_MODULE};\n"
+        "daemon off;\n"
+        "worker_processes 1;\n"
+        f"pid {d / 'nginx.pid'};\n"
+        f"error_log {d / 'error.log'} warn;\n"
+        "events { worker_connections 2048; }\n"
+        "stream {\n"
+        "  server {\n"
+        f"    listen 127.0.0.1:{port};\n"
+        f"    proxy_pass {up.host}:{up.port};\n"
+        "    proxy_ssl on;\n"
+        f"    proxy_ssl_certificate {pki.client.cert};\n"
+        f"    proxy_ssl_certificate_key {pki.client.key};\n"
+        f"    proxy_ssl_trusted_certificate {pki.ca_cert};\n"
+        "    proxy_ssl_verify on;\n"
+        f"    proxy_ssl_name {up.name};\n"
+        "    proxy_ssl_server_name on;\n"
+        "  }\n"
+        "}\n"
+    )
+    cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(cfg)]
+    return Proxy("nginx", Service("nginx", cmd, d / "stdout.log", port=port, stop_signal=signal.SIGQUIT))
+
+
+def pgbouncer(workdir: Path, pki: PKI, up: Upstream, *, db: str, user: str) -> Proxy:
+    """Session pooling, server_tls_sslmode=verify-full, trust on the app side (it refuses to run as root)."""
+    d = _dir(workdir, "pgbouncer")
+    port = free_port()
+    cert, key, ca = d / "client.crt", d / "client.key", d / "ca.crt"
+    shutil.copy(pki.client.cert, cert)
+    shutil.copy(pki.client.key, key)
+    shutil.copy(pki.ca_cert, ca)
+    os.chmod(key, 0o600)
+    (d / "users.txt").write_text(f'"{user}" ""\n')
+    cfg = d / "pgbouncer.ini"
+    cfg.write_text(
+        "[databases]\n"
+        f"{db} = host={up.name} port={up.port} dbname={db} user={user}\n"
+        "[pgbouncer]\n"
+        "listen_addr = 127.0.0.1\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        f"logfile = {d / 'pgbouncer.log'}\n"
+        "auth_type = trust\n"
+        f"auth_file = {d / 'users.txt'}\n"
+        "pool_mode = session\n"
+        "max_client_conn = 500\n"
+        "default_pool_size = 20\n"
+        "server_tls_sslmode = verify-full\n"
+        f"server_tls_ca_file = {ca}\n"
+        f"server_tls_cert_file = {cert}\n"
+        f"server_tls_key_file = {key}\n"
+    )
+    chown_tree(d, "postgres")
+    os.chmod(workdir, 0o755)  # noqa: S103 -- pgbouncer runs as postgres and reads its files here
+    cmd = as_user("postgres", ["pgbouncer", str(cfg)])
+    return Proxy("PgBouncer", Service("pgbouncer", cmd, d / "stdout.log", port=port, stop_signal=signal.SIGINT))

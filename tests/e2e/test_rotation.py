@@ -1,0 +1,226 @@
+"""Certificate and CA rotation under load, against a real PostgreSQL 15.
+
+The certificates live in a directory laid out like a mounted Kubernetes Secret and
+are replaced the way the kubelet does it (an atomic ``..data`` symlink swap). The
+server proves which client certificate each new connection presented:
+``pg_stat_ssl.client_serial`` of the backend that ran the query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dbmtls.pki import issue
+from support.certs import PKI
+from support.k8s_secret import SecretDir
+from support.net import free_port
+from support.pg_server import PostgresTLS
+from support.proc import Dbmtls
+
+pytestmark = pytest.mark.e2e
+USER = "jinsu"
+SERIAL_SQL = "SELECT client_serial::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+@pytest.fixture(scope="module")
+def pg(pki: PKI) -> Iterator[PostgresTLS]:
+    server = PostgresTLS(pki.server, pki.ca_cert).start()
+    try:
+        server.create_user(USER, database="app")
+        yield server
+    finally:
+        server.stop()
+
+
+def _client_cert(pki: PKI, root: Path, name: str, **kw: Any) -> Path:
+    return Path(issue(pki.ca, root / name, client_cn=USER, **kw))
+
+
+def _serial(cert_dir: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate((cert_dir / "tls.crt").read_bytes()).serial_number
+
+
+def _config(listen: int, pg: PostgresTLS, secret: SecretDir) -> dict[str, Any]:
+    return {
+        "databases": [
+            {
+                "name": "pg",
+                "protocol": "postgres",
+                "listen": f"127.0.0.1:{listen}",
+                "address": f"localhost:{pg.port}",
+                "tls": {
+                    "mode": "MUTUAL",
+                    "clientCertificate": secret.file("tls.crt"),
+                    "privateKey": secret.file("tls.key"),
+                    "caCertificates": secret.file("ca.crt"),
+                },
+            }
+        ]
+    }
+
+
+def _query_serial(port: int) -> int:
+    with psycopg.connect(f"host=127.0.0.1 port={port} user={USER} dbname=app connect_timeout=5") as conn:
+        row = conn.execute(SERIAL_SQL).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _metric(proxy: Dbmtls, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+class Load:
+    """A client loop through dbmtls: a new connection (new upstream handshake) per query."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.serials: list[int] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.serials.append(_query_serial(self.port))
+            except Exception as exc:  # counted, not raised: the assertion is "zero"
+                self.errors.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def wait_for(self, serial: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.serials and self.serials[-1] == serial:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"serial {serial:x} never seen; last {self.serials[-3:]}, errors {self.errors[:3]}")
+
+
+def test_client_certificate_rotated_three_times_under_load(pki: PKI, pg: PostgresTLS, workdir: Path) -> None:
+    secret = SecretDir(workdir / "client-certs")
+    certs = [_client_cert(pki, workdir, f"gen{i}") for i in range(4)]
+    secret.update_from(certs[0])
+    port = free_port()
+    with Dbmtls(workdir, _config(port, pg, secret), admin=True).start((port,)) as proxy, Load(port) as load:
+        load.wait_for(_serial(certs[0]))
+        for cert in certs[1:]:
+            secret.update_from(cert)
+            load.wait_for(_serial(cert))
+        n = len(load.serials)
+    assert load.errors == []
+    assert n > 20
+    seen = list(dict.fromkeys(load.serials))  # distinct, in order of first appearance
+    assert seen == [_serial(c) for c in certs]
+    assert "certificates reloaded" in proxy.log()
+
+
+def test_broken_replacements_keep_the_old_certificate(pki: PKI, pg: PostgresTLS, workdir: Path) -> None:
+    secret = SecretDir(workdir / "client-certs")
+    good = _client_cert(pki, workdir, "good")
+    other = _client_cert(pki, workdir, "other")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    expired = _client_cert(pki, workdir, "expired", not_after=past)
+    secret.update_from(good)
+    port = free_port()
+    with Dbmtls(workdir, _config(port, pg, secret), admin=True).start((port,)) as proxy:
+        assert _query_serial(port) == _serial(good)
+        ca = (good / "ca.crt").read_bytes()
+        broken = {
+            "key of another certificate": {
+                "tls.crt": (good / "tls.crt").read_bytes(),
+                "tls.key": (other / "tls.key").read_bytes(),
+                "ca.crt": ca,
+            },
+            "truncated PEM": {
+                "tls.crt": (other / "tls.crt").read_bytes()[:200],
+                "tls.key": (other / "tls.key").read_bytes(),
+                "ca.crt": ca,
+            },
+            "expired certificate": {
+                "tls.crt": (expired / "tls.crt").read_bytes(),
+                "tls.key": (expired / "tls.key").read_bytes(),
+                "ca.crt": ca,
+            },
+        }
+        expected_text = {
+            "key of another certificate": "does not match",
+            "truncated PEM": "no PEM certificate",
+            "expired certificate": "expired",
+        }
+        for i, (what, files) in enumerate(broken.items(), start=1):
+            secret.update(files)
+            deadline = time.monotonic() + 15
+            while _metric(proxy, "dbmtls_certificate_reloads_total", database="pg", result="failure") < i:
+                assert time.monotonic() < deadline, f"{what}: no failed reload counted\n{proxy.log()}"
+                time.sleep(0.1)
+            failures = [ln for ln in proxy.log().splitlines() if "certificate reload failed" in ln]
+            assert expected_text[what] in failures[-1], failures[-1]
+            assert "keeping the previous certificates" in failures[-1]
+            # the old, good certificate keeps working for new connections
+            assert _query_serial(port) == _serial(good), what
+        assert "PRIVATE KEY" not in proxy.log()
+        # and a good replacement after the broken ones is taken
+        secret.update_from(other)
+        deadline = time.monotonic() + 15
+        while _query_serial(port) != _serial(other):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_ca_bundle_rotation_is_picked_up(pki: PKI, pg: PostgresTLS, workdir: Path) -> None:
+    """A bundle without the server's CA fails with unknown_ca; the rotated bundle with it works."""
+    secret = SecretDir(workdir / "client-certs")
+    good = _client_cert(pki, workdir, "good")
+    secret.update(
+        {
+            "tls.crt": (good / "tls.crt").read_bytes(),
+            "tls.key": (good / "tls.key").read_bytes(),
+            "ca.crt": (pki.other_ca / "ca.crt").read_bytes(),
+        }
+    )
+    port = free_port()
+    with Dbmtls(workdir, _config(port, pg, secret), admin=True).start((port,)) as proxy:
+        with pytest.raises(psycopg.OperationalError, match="not trusted"):
+            _query_serial(port)
+        secret.update(
+            {
+                "tls.crt": (good / "tls.crt").read_bytes(),
+                "tls.key": (good / "tls.key").read_bytes(),
+                "ca.crt": (pki.other_ca / "ca.crt").read_bytes() + (pki.ca / "ca.crt").read_bytes(),
+            }
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert _query_serial(port) == _serial(good)
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, proxy.log()
+                time.sleep(0.1)
+        assert _metric(proxy, "dbmtls_certificate_reloads_total", database="pg", result="success") >= 1
