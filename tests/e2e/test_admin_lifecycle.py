@@ -213,3 +213,23 @@ def test_json_logs(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
     closed = [r for r in lines if r["msg"] == "connection closed"]
     assert closed and closed[0]["db"] == "cache" and closed[0]["tls"].startswith("TLSv1.")
     assert all("BEGIN" not in json.dumps(r) for r in lines)
+
+
+def test_expiry_warning_and_sighup_reload(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    """A client certificate inside certificateExpiryWarning is warned about; SIGHUP reloads."""
+    import datetime as dt
+
+    from dbmtls.pki import issue
+
+    soon = issue(pki.ca, workdir / "soon", client_cn="jinsu", not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+    port = free_port()
+    tls = tls_block(pki) | {"clientCertificate": str(soon / "tls.crt"), "privateKey": str(soon / "tls.key")}
+    config = _config(port, redis_tls.port, tls, certificateExpiryWarning="7d")
+    with Dbmtls(workdir, config).start((port,)) as proxy:
+        log = proxy.wait_log("certificate expires soon")
+        line = next(ln for ln in log.splitlines() if "certificate expires soon" in ln)
+        assert "kind=client" in line
+        assert "expires_in=1.9d" in line or "expires_in=2.0d" in line
+        proxy.signal(1)  # SIGHUP
+        proxy.wait_log("trigger=SIGHUP")
+        assert redis.Redis(port=port).ping()
