@@ -24,9 +24,10 @@ Conversation (protocols.md 2.4 "recommended order", 2.5 renumbering)::
 API
 ---
 
-``MySQLHandshake(rsa_key=None)``
-    ``rsa_key`` is dbmtls's own RSA key for the caching_sha2_password / sha256_password key exchange;
-    by default the process-wide :func:`proxy_rsa_key` (2048 bit, generated lazily on first use; the
+``MySQLHandshake(rsa_key=None, database=None)``
+    ``database`` (the dbmtls database name) is set on every error the machine reports.
+    ``rsa_key`` is dbmtls's own RSA key for the caching_sha2_password / sha256_password key
+    exchange; by default the process-wide :func:`proxy_rsa_key` (2048 bit, generated lazily on first use; the
     glue may call it once at start-up, in a thread, to keep the ~100 ms generation off the loop).
 
 Inputs (never raise for anything the peers send; problems come out as a ``Fail`` action):
@@ -583,8 +584,10 @@ class _State(enum.Enum):
 class MySQLHandshake:
     """The MySQL/MariaDB connection phase between a plaintext app and a TLS server (see module doc)."""
 
-    def __init__(self, *, rsa_key: rsa.RSAPrivateKey | None = None) -> None:
+    def __init__(self, *, rsa_key: rsa.RSAPrivateKey | None = None, database: str | None = None) -> None:
         self._rsa_key = rsa_key
+        # The dbmtls database name, put into the errors the machine makes (``[name]`` in the text).
+        self._database = database
         self._state = _State.GREETING
         self._actions: deque[Action] = deque()
         self._server_buf = bytearray()
@@ -683,6 +686,8 @@ class MySQLHandshake:
         self._actions.append(Fail(err, to_app))
 
     def _err_for_app(self, err: DbmtlsError) -> bytes:
+        if self._database is not None:
+            err.with_database(self._database)
         if not self._greeting_sent:
             return error_packet(err, 0, with_state=False)
         if self.response is None:
