@@ -44,7 +44,8 @@ class _Half(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # our transport's buffer is full: stop reading from the side that fills it
-        pass
+        if not self.peer.is_closing():
+            self.peer.pause_reading()
 
     def resume_writing(self) -> None:
         if not self.peer.is_closing():
