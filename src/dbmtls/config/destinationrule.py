@@ -42,6 +42,9 @@ _TLS_FIELDS = {
     "caCrl",
     "credentialName",
 }
+# DestinationRule.spec fields; workloadSelector and exportTo choose *which* proxies use the
+# rule, which for a dbmtls process is "this one", so they are accepted and ignored.
+_SPEC_FIELDS = {"host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"}
 # Fields of a DestinationRule that concern load balancing or routing, not TLS:
 # dbmtls does not implement them, and ignoring them changes nothing about security.
 _IGNORED_POLICY = {"loadBalancer", "connectionPool", "outlierDetection", "tunnel", "proxyProtocol"}
@@ -117,6 +120,9 @@ def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[st
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         raise _err(source, "spec", "a DestinationRule needs a spec")
+    unknown_spec = set(spec) - _SPEC_FIELDS
+    if unknown_spec:
+        raise _err(source, f"spec.{sorted(unknown_spec)[0]}", "unknown field in DestinationRule spec (check spelling)")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise _err(source, "metadata.name", "a DestinationRule needs a metadata.name")

@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from dbmtls.config.destinationrule import is_destination_rule, map_destination_rule
-from dbmtls.config.model import Config, DatabaseConfig
+from dbmtls.config.model import Config, DatabaseConfig, FieldError
 from dbmtls.errors import ConfigError
 
 _TOP_LEVEL = {"databases", "admin", "log", "drainTimeout", "certificateExpiryWarning", "overrides"}
@@ -40,6 +40,9 @@ def _loc(loc: Iterable[int | str]) -> str:
 def _from_validation(err: ValidationError, source: str, prefix: str = "", drop: int = 0) -> ConfigError:
     first = err.errors()[0]
     path = _loc(first["loc"][drop:])
+    blamed = (first.get("ctx") or {}).get("error")
+    if isinstance(blamed, FieldError):
+        path = f"{path}.{blamed.field}" if path else blamed.field
     if prefix:
         path = f"{prefix}.{path}" if path else prefix
     msg = first["msg"]
@@ -77,9 +80,16 @@ def _database_from_dict(raw: dict[str, Any], source: str, prefix: str, tls_path:
     except ValidationError as exc:
         if tls_path is None:
             raise _from_validation(exc, source, prefix) from None
-        loc = exc.errors()[0]["loc"]
+        first = exc.errors()[0]
+        loc = first["loc"]
         if loc and loc[0] == "tls":
             raise _from_validation(exc, source, tls_path, drop=1) from None
+        blamed = (first.get("ctx") or {}).get("error")
+        if loc == ("listen",) or (isinstance(blamed, FieldError) and blamed.field == "listen"):
+            # the listener of a DestinationRule comes from its annotation (or the port)
+            raise ConfigError(
+                first["msg"].removeprefix("Value error, "), source=source, path="metadata.annotations.dbmtls.io/listen"
+            ) from None
         raise _from_validation(exc, source, "spec") from None
 
 
@@ -87,6 +97,9 @@ def load_config(paths: Sequence[str | Path]) -> Config:
     if not paths:
         raise ConfigError("no configuration file given (use -c FILE)")
     databases: list[DatabaseConfig] = []
+    # (file, YAML path) of each database and of its listener, for cross-file errors
+    origins: list[tuple[str, str]] = []
+    listen_origins: list[tuple[str, str]] = []
     sections: dict[str, Any] = {}
     overrides: list[tuple[str, str, dict[str, Any]]] = []
     for p in paths:
@@ -102,6 +115,10 @@ def load_config(paths: Sequence[str | Path]) -> Config:
             if is_destination_rule(doc):
                 for raw, tls_path in map_destination_rule(doc, src):
                     databases.append(_database_from_dict(raw, src, "", tls_path))
+                    origins.append((src, "metadata.name"))
+                    annotations = (doc.get("metadata") or {}).get("annotations") or {}
+                    from_annotation = annotations.get("dbmtls.io/listen") == raw["listen"]
+                    listen_origins.append((src, "metadata.annotations.dbmtls.io/listen" if from_annotation else "spec"))
                 continue
             if "kind" in doc or "apiVersion" in doc:
                 raise ConfigError(
@@ -119,6 +136,8 @@ def load_config(paths: Sequence[str | Path]) -> Config:
                 if not isinstance(raw, dict):
                     raise ConfigError("must be a mapping", source=src, path=f"databases[{i}]")
                 databases.append(_database_from_dict(raw, src, f"databases[{i}]", None))
+                origins.append((src, f"databases[{i}].name"))
+                listen_origins.append((src, f"databases[{i}].listen"))
             rest = {k: v for k, v in doc.items() if k not in ("databases", "overrides")}
             try:
                 Config.model_validate(rest)
@@ -137,7 +156,16 @@ def load_config(paths: Sequence[str | Path]) -> Config:
                     )
                 overrides.append((src, str(name), fields))
 
-    by_name = {db.name: i for i, db in enumerate(databases)}
+    by_name: dict[str, int] = {}
+    for i, db in enumerate(databases):
+        if db.name in by_name:
+            first_src, first_path = origins[by_name[db.name]]
+            raise ConfigError(
+                f"database name {db.name!r} is already used by {first_path} in {first_src}",
+                source=origins[i][0],
+                path=origins[i][1],
+            )
+        by_name[db.name] = i
     for src, name, fields in overrides:
         if name not in by_name:
             raise ConfigError(
@@ -149,6 +177,20 @@ def load_config(paths: Sequence[str | Path]) -> Config:
         merged = databases[i].model_dump(by_alias=True, exclude_unset=True)
         merged.update(fields)
         databases[i] = _database_from_dict(merged, src, f"overrides.{name}", None)
+        if "listen" in fields:
+            listen_origins[i] = (src, f"overrides.{name}.listen")
+    listeners: dict[str, int] = {}
+    for i, db in enumerate(databases):
+        if db.listen in listeners:
+            j = listeners[db.listen]
+            first_src, first_path = listen_origins[j]
+            raise ConfigError(
+                f"{db.listen} is already the listener of {databases[j].name!r} ({first_path} in {first_src}); "
+                "every database needs its own listen address",
+                source=listen_origins[i][0],
+                path=listen_origins[i][1],
+            )
+        listeners[db.listen] = i
     try:
         return Config.model_validate({**sections, "databases": databases})
     except ValidationError as exc:

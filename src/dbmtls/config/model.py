@@ -58,6 +58,18 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+class FieldError(ValueError):
+    """A rule across fields, blamed on one of them: the loader appends ``field`` to the YAML path.
+
+    pydantic reports a model validator's error at the model's own location; a user
+    looking for what to fix wants ``databases[1].tls.privateKey``, not ``databases[1].tls``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
 
@@ -132,14 +144,18 @@ class TLSSettings(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> TLSSettings:
-        if (self.clientCertificate is None) != (self.privateKey is None):
-            raise ValueError("clientCertificate and privateKey must be given together")
+        if self.clientCertificate is not None and self.privateKey is None:
+            raise FieldError("privateKey", "missing: clientCertificate and privateKey must be given together")
+        if self.privateKey is not None and self.clientCertificate is None:
+            raise FieldError("clientCertificate", "missing: clientCertificate and privateKey must be given together")
         if self.mode == "MUTUAL" and self.clientCertificate is None and not self.userCertificates:
-            raise ValueError("mode MUTUAL needs clientCertificate and privateKey (or userCertificates)")
+            raise FieldError(
+                "clientCertificate", "mode MUTUAL needs clientCertificate and privateKey (or userCertificates)"
+            )
         if self.mode != "MUTUAL" and (self.clientCertificate or self.userCertificates):
-            raise ValueError(f"client certificates are only presented in mode MUTUAL, not {self.mode}")
+            raise FieldError("mode", f"client certificates are only presented in mode MUTUAL, not {self.mode}")
         if self.maxProtocolVersion == "TLSV1_2" and self.minProtocolVersion == "TLSV1_3":
-            raise ValueError("maxProtocolVersion is below minProtocolVersion")
+            raise FieldError("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
         return self
 
 
@@ -182,14 +198,15 @@ class DatabaseConfig(_Model):
         if not self.listen.startswith("unix:") and not self.allowRemoteClients:
             host, _ = split_host_port(self.listen)
             if not is_loopback(host):
-                raise ValueError(
+                raise FieldError(
+                    "listen",
                     f"listen {self.listen} is not loopback: the app side is plaintext; "
-                    "set allowRemoteClients: true to open it up on purpose"
+                    "set allowRemoteClients: true to open it up on purpose",
                 )
         if self.directTls and self.protocol not in ("postgres", "cockroachdb"):
-            raise ValueError("directTls applies to postgres only (PostgreSQL 17+ direct TLS)")
+            raise FieldError("directTls", "directTls applies to postgres only (PostgreSQL 17+ direct TLS)")
         if self.tls.userCertificates and self.protocol not in ("postgres", "cockroachdb", "mysql", "mariadb"):
-            raise ValueError("tls.userCertificates needs a protocol that names the user before TLS")
+            raise FieldError("tls.userCertificates", "needs a protocol that names the user before TLS")
         return self
 
     @property

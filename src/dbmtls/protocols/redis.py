@@ -61,12 +61,16 @@ class RequestCounter:
             line = bytes(self._buf[:nl]).rstrip(b"\r")
             del self._buf[: nl + 1]
             if self._pending_args > 0:
-                if not line.startswith(b"$") or not line[1:].isdigit():
+                # bounded digit count: int() of a 5000-digit "length" would raise (and be absurd)
+                if not line.startswith(b"$") or not line[1:].isdigit() or len(line) > 20:
                     self.broken = True
                     return done
                 self._bulk_left = int(line[1:]) + 2
                 continue
             if line.startswith(b"*"):
+                if len(line) > 20:
+                    self.broken = True
+                    return done
                 try:
                     n = int(line[1:])
                 except ValueError:

@@ -109,6 +109,11 @@ class Endpoint(asyncio.Protocol):
         return self.transport, data
 
     @property
+    def error(self) -> BaseException | None:
+        """What the transport was lost with (None while open or after a clean close)."""
+        return self._exc
+
+    @property
     def eof_seen(self) -> bool:
         return self._eof
 

@@ -56,14 +56,18 @@ async def start_tls(conn: Conn, ep: Endpoint, user: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     try:
-        transport = await loop.start_tls(
-            ep.transport,
-            ep,
-            ctx,
-            server_side=False,
-            server_hostname=db.server_name,
-            ssl_handshake_timeout=db.handshakeTimeout,
-        )
+        # Our own timeout: the event loop's ssl_handshake_timeout surfaces as a
+        # ConnectionAbortedError, indistinguishable from a peer that hung up.  Theirs stays
+        # as a backstop, later than ours.
+        async with asyncio.timeout(db.handshakeTimeout):
+            transport = await loop.start_tls(
+                ep.transport,
+                ep,
+                ctx,
+                server_side=False,
+                server_hostname=db.server_name,
+                ssl_handshake_timeout=db.handshakeTimeout + 5.0,
+            )
         if transport is None:
             raise ConnectionResetError("connection closed during the TLS handshake")
         ep.transport = transport
