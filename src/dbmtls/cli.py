@@ -64,11 +64,11 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
 
     config = _load(configs)
     problems = []
-    for i, db in enumerate(config.databases):
+    for db in config.databases:
         try:
             material = ClientTLS(db).build()
         except ConfigError as exc:
-            problems.append(f"databases[{i}] ({db.name}): {exc.path + ': ' if exc.path else ''}{exc.message}")
+            problems.append(f"database {db.name!r}: {exc.message}")
             continue
         for w in material.warnings:
             click.echo(f"warning: {db.name}: {w}", err=True)

@@ -655,8 +655,8 @@ def test_check_bad_certificate_files(tmp_path: Path, pki: PKI) -> None:
     )
     result = CliRunner().invoke(main, ["check", "-c", str(cfg)])
     assert result.exit_code == 1
-    assert "databases[0] (cache)" in result.stderr
-    assert "tls.privateKey" in result.stderr
+    assert "database 'cache': tls.privateKey: private key" in result.stderr
+    assert result.stderr.count("tls.privateKey") == 1
     assert f"private key {other.key} does not match certificate {pki.client.cert}" in result.stderr
 
 

@@ -32,6 +32,19 @@ async def run_relay(
     app_pending: bytes = b"",
     upstream_pending: bytes = b"",
 ) -> None:
+    if up.closed or conn.app.closed:
+        # A side went away while the handshake finished (e.g. a TLS 1.3 server rejecting our
+        # certificate while we waited for the app).  Its connection_lost was delivered to the
+        # Endpoint already, so a relay would wait for it forever: settle it here.
+        to_app = upstream_pending + up.take()
+        if up.closed and not conn.app.closed:
+            exc = up.error or ConnectionResetError("the server closed the connection")
+            if not to_app and early is not None:
+                to_app = early(exc) or b""
+        conn.app.write(to_app)
+        conn.app.close()
+        up.close()
+        return
     app_t, app_buf = conn.app.detach()
     up_t, up_buf = up.detach()
     relay = Relay(
