@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 
@@ -37,6 +38,26 @@ from dbmtls.errors import (
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 
 
+class FastSSLObject(ssl.SSLObject):
+    """An SSLObject whose per-record methods are the C implementation itself.
+
+    uvloop's TLS layer calls ``read``, ``write`` and ``pending`` for every record in
+    both directions; ``ssl.SSLObject`` implements each as a Python function that only
+    forwards to ``_ssl._SSLSocket``.  Binding the C methods on the instance removes
+    those Python frames from the relay's hot path; the signatures and semantics are
+    the same (``read(len[, buffer])``, ``write(data)``, ``pending()``).
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> FastSSLObject:
+        self: FastSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        impl = self._sslobj  # type: ignore[attr-defined]
+        self.read = impl.read  # type: ignore[method-assign]
+        self.write = impl.write  # type: ignore[method-assign]
+        self.pending = impl.pending  # type: ignore[method-assign]
+        return self
+
+
 def build_context(
     tls: TLSSettings,
     verify_names: Sequence[str],
@@ -46,6 +67,7 @@ def build_context(
 ) -> ssl.SSLContext:
     """Build an SSLContext. Raises ssl.SSLError/OSError on bad material (the caller names the file)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslobject_class = FastSSLObject
     ctx.minimum_version = _VERSIONS[tls.minProtocolVersion]
     if tls.maxProtocolVersion:
         ctx.maximum_version = _VERSIONS[tls.maxProtocolVersion]

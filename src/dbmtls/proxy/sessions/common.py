@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from dbmtls.errors import DbmtlsError
@@ -31,7 +32,13 @@ async def run_relay(
     early: Callable[[BaseException], bytes | None] | None = None,
     app_pending: bytes = b"",
     upstream_pending: bytes = b"",
+    on_start: Callable[[Relay, asyncio.Transport, bytes], None] | None = None,
 ) -> None:
+    """Hand both sides to a Relay and wait until both are closed.
+
+    ``on_start(relay, upstream_transport, first_upstream_bytes)`` runs once the relay is
+    installed, e.g. to put a startup tap in front of it (PostgreSQL cancel routing).
+    """
     if up.closed or conn.app.closed:
         # A side went away while the handshake finished (e.g. a TLS 1.3 server rejecting our
         # certificate while we waited for the app).  Its connection_lost was delivered to the
@@ -55,6 +62,8 @@ async def run_relay(
         early_upstream_error=early,
     )
     conn.relay = relay
+    if on_start is not None:
+        on_start(relay, up_t, upstream_pending + up_buf)
     if conn.app.eof_seen:
         relay.app_eof_before_start()
     await relay.done

@@ -50,6 +50,7 @@ from dbmtls.proxy import upstream
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import Relay, _Half
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
+from dbmtls.proxy.sessions.common import run_relay
 from dbmtls.tls.context import classify
 
 # How long an app may take to send its startup packet(s); the server's own
@@ -282,7 +283,7 @@ class _StartupTap(asyncio.Protocol):
 
 
 async def _relay(conn: Conn, up: Endpoint, first: bytes, user: str, key_slot: list[tuple[str, int, bytes]]) -> None:
-    """``common.run_relay`` plus the startup tap (it needs the Relay object before it starts)."""
+    """``run_relay`` with the startup tap in front of the server->app half."""
     name = conn.rt.name
 
     def on_key(pid: int, key: bytes) -> None:
@@ -290,16 +291,12 @@ async def _relay(conn: Conn, up: Endpoint, first: bytes, user: str, key_slot: li
         _BACKENDS[k] = user
         key_slot.append(k)
 
-    app_t, app_buf = conn.app.detach()
-    up_t, up_buf = up.detach()
-    relay = Relay(app_t, up_t, app_pending=app_buf, upstream_pending=first + up_buf)
-    conn.relay = relay
-    tap = _StartupTap(relay.from_up, up_t, on_key)
-    if not tap.feed(first + up_buf) and not up_t.is_closing():
-        up_t.set_protocol(tap)
-    if conn.app.eof_seen:
-        relay.app_eof_before_start()
-    await relay.done
+    def install_tap(relay: Relay, up_t: asyncio.Transport, seen: bytes) -> None:
+        tap = _StartupTap(relay.from_up, up_t, on_key)
+        if not tap.feed(seen) and not up_t.is_closing():
+            up_t.set_protocol(tap)
+
+    await run_relay(conn, up, upstream_pending=first, on_start=install_tap)
 
 
 # --- cancel ------------------------------------------------------------------------------
