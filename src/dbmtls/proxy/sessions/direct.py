@@ -7,23 +7,33 @@ clients speak first, so once the upstream is ready the session looks at the firs
 app bytes (waiting briefly if none arrived yet) and refuses a TLS record with a
 log line saying what to change.  ``tcp`` is opaque and never inspected: TLS inside
 the tunnel may be intended there.
+
+When the upstream fails, Redis and MongoDB apps are told why in their own protocol
+(``-ERR ...``, an ``{ok: 0, errmsg, code, codeName}`` reply): ``_answer_errors`` reads
+the app's requests for a short, bounded time and answers each complete one, because
+clients may swallow the reply to a connect-time command and show only the next one.
+What is protocol-specific (finding request boundaries, encoding the reply) is
+an ``ErrorAnswers`` wrapping the sans-IO module in ``dbmtls.protocols``.  ``tcp`` has no way to say
+anything: its failures are logged and the connection closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from dbmtls.errors import AppProtocolError, DbmtlsError
-from dbmtls.protocols import redis
+from dbmtls.protocols import mongodb, redis
 from dbmtls.proxy import upstream
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.runtime import Conn
 from dbmtls.proxy.sessions.common import classify_late, run_relay
 
-# How long dbmtls keeps answering a Redis client with errors before it closes.
-REDIS_ERROR_WINDOW = 2.0
-REDIS_ERROR_MAX_REPLIES = 64
+# How long dbmtls keeps answering a Redis/MongoDB client with errors before it closes.
+ERROR_WINDOW = 2.0
+ERROR_MAX_REPLIES = 64
 # How long to wait for a client-first app's first bytes before relaying without looking.
 FIRST_BYTES_WAIT = 0.25
 
@@ -70,42 +80,101 @@ def _refuse_tls_app(conn: Conn, first: bytes) -> bool:
     return True
 
 
+class ErrorAnswers(Protocol):
+    """Answers an app's requests with one error: fed the app's bytes, returns the replies."""
+
+    @property
+    def broken(self) -> bool:
+        """The app sent something that cannot be answered: stop reading and close."""
+        ...
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """One reply per request completed by ``data``."""
+        ...
+
+    def unprompted(self) -> bytes | None:
+        """What to leave in the app's socket when it asked nothing (None: nothing)."""
+        ...
+
+
+class _RedisAnswers:
+    def __init__(self, err: DbmtlsError) -> None:
+        self._counter = redis.RequestCounter()
+        self._reply = redis.error_reply(err)
+
+    @property
+    def broken(self) -> bool:
+        return self._counter.broken
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [self._reply] * self._counter.feed(data)
+
+    def unprompted(self) -> bytes | None:
+        return self._reply
+
+
+class _MongoAnswers(mongodb.ErrorResponder):
+    def unprompted(self) -> bytes | None:
+        # a reply must carry the request's requestID in responseTo: nothing to say unasked
+        return None
+
+
 async def redis_session(conn: Conn) -> None:
+    await _answering_session(conn, _RedisAnswers)
+
+
+async def plain_session(conn: Conn) -> None:
+    """``tcp``: relay; on failure log and close.  ``mongodb`` answers like Redis."""
+    if conn.rt.db.protocol == "mongodb":
+        await _answering_session(conn, _MongoAnswers)
+        return
     try:
         up = await upstream.dial(conn)
     except DbmtlsError as err:
         conn.error = err.with_database(conn.rt.name)
-        await _answer_redis_errors(conn, err)
+        conn.app.close()
+        return
+    await run_relay(conn, up, early=lambda exc: (classify_late(conn, exc), None)[1])
+
+
+async def _answering_session(conn: Conn, answers_for: Callable[[DbmtlsError], ErrorAnswers]) -> None:
+    """A client-first protocol that can say what went wrong (Redis, MongoDB)."""
+    try:
+        up = await upstream.dial(conn)
+    except DbmtlsError as err:
+        conn.error = err.with_database(conn.rt.name)
+        await _answer_errors(conn, answers_for(err))
         return
 
-    def early(exc: BaseException) -> bytes:
-        err = classify_late(conn, exc)
-        return redis.error_reply(err)
-
     first = await _first_app_bytes(conn)
+
+    def early(exc: BaseException) -> bytes | None:
+        # The relay saw the server fail before its first byte; the app's requests it knows
+        # of are the first bytes (the rest went upstream, unseen).
+        answers = answers_for(classify_late(conn, exc))
+        return b"".join(answers.feed(first)) or answers.unprompted()
+
     if _refuse_tls_app(conn, first):
         up.close()
         return
     if (lost := _lost_while_waiting(up)) is not None:
-        await _answer_redis_errors(conn, classify_late(conn, lost), pending=first)
+        await _answer_errors(conn, answers_for(classify_late(conn, lost)), pending=first)
         return
     await run_relay(conn, up, early=early, app_pending=first)
 
 
-async def _answer_redis_errors(conn: Conn, err: DbmtlsError, pending: bytes = b"") -> None:
-    """Answer every request with -ERR for a short, bounded time; then close."""
+async def _answer_errors(conn: Conn, answers: ErrorAnswers, pending: bytes = b"") -> None:
+    """Answer every request with the error for a short, bounded time; then close."""
     app = conn.app
-    counter = redis.RequestCounter()
-    reply = redis.error_reply(err)
-    deadline = time.monotonic() + REDIS_ERROR_WINDOW
+    deadline = time.monotonic() + ERROR_WINDOW
     sent = 0
     try:
-        n = counter.feed(pending + app.take())  # what the app sent while we dialled
+        replies = answers.feed(pending + app.take())  # what the app sent while we dialled
         while True:
-            for _ in range(n):
-                app.write(reply)
-                sent += 1
-            if counter.broken or sent >= REDIS_ERROR_MAX_REPLIES:
+            if replies:
+                app.write(b"".join(replies))
+                sent += len(replies)
+            if answers.broken or sent >= ERROR_MAX_REPLIES:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -117,32 +186,11 @@ async def _answer_redis_errors(conn: Conn, err: DbmtlsError, pending: bytes = b"
                 break
             if not data:
                 break
-            n = counter.feed(data)
+            replies = answers.feed(data)
     except OSError:
         pass
     finally:
-        if sent == 0:
+        if sent == 0 and (reply := answers.unprompted()) is not None:
             # the app sent nothing yet; leave one reply in its socket so its first read shows it
             app.write(reply)
         app.close()
-
-
-async def plain_session(conn: Conn) -> None:
-    """``tcp`` and ``mongodb``: relay; on failure log and close."""
-    try:
-        up = await upstream.dial(conn)
-    except DbmtlsError as err:
-        conn.error = err.with_database(conn.rt.name)
-        conn.app.close()
-        return
-    first = b""
-    if conn.rt.db.protocol == "mongodb":
-        first = await _first_app_bytes(conn)
-        if _refuse_tls_app(conn, first):
-            up.close()
-            return
-        if (lost := _lost_while_waiting(up)) is not None:
-            classify_late(conn, lost)
-            conn.app.close()
-            return
-    await run_relay(conn, up, early=lambda exc: (classify_late(conn, exc), None)[1], app_pending=first)
