@@ -20,23 +20,26 @@ from dbmtls.errors import ConfigError, DbmtlsError
 from dbmtls.logs import CONN_LOG, LOG
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
-from dbmtls.proxy.sessions.direct import plain_session, redis_session
+from dbmtls.proxy.sessions.direct import mongodb_session, plain_session, redis_session
+from dbmtls.proxy.sessions.mysql import mysql_session
+from dbmtls.proxy.sessions.postgres import postgres_session
 
 Session = Callable[[Conn], Awaitable[None]]
 
 
+# One session per protocol family; anything else (tcp) is an opaque relay.
+SESSIONS: dict[str, Session] = {
+    "redis": redis_session,
+    "mongodb": mongodb_session,
+    "postgres": postgres_session,
+    "cockroachdb": postgres_session,
+    "mysql": mysql_session,
+    "mariadb": mysql_session,
+}
+
+
 def session_for(protocol: str) -> Session:
-    if protocol == "redis":
-        return redis_session
-    if protocol in ("postgres", "cockroachdb"):
-        from dbmtls.proxy.sessions.postgres import postgres_session
-
-        return postgres_session
-    if protocol in ("mysql", "mariadb"):
-        from dbmtls.proxy.sessions.mysql import mysql_session
-
-        return mysql_session
-    return plain_session
+    return SESSIONS.get(protocol, plain_session)
 
 
 def alpn_for(db: DatabaseConfig) -> tuple[str, ...]:

@@ -123,11 +123,12 @@ async def redis_session(conn: Conn) -> None:
     await _answering_session(conn, _RedisAnswers)
 
 
+async def mongodb_session(conn: Conn) -> None:
+    await _answering_session(conn, _MongoAnswers)
+
+
 async def plain_session(conn: Conn) -> None:
-    """``tcp``: relay; on failure log and close.  ``mongodb`` answers like Redis."""
-    if conn.rt.db.protocol == "mongodb":
-        await _answering_session(conn, _MongoAnswers)
-        return
+    """``tcp``: relay; on failure log and close (an opaque protocol has no way to say why)."""
     try:
         up = await upstream.dial(conn)
     except DbmtlsError as err:
