@@ -9,6 +9,7 @@ import pytest
 
 from support.certs import PKI, make_pki
 from support.redis_server import RedisTLS
+from support.tls_echo import TLSEchoServer
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +21,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 def redis_tls(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisTLS]:
     """mTLS-only Redis: port 0, tls-auth-clients yes (the seed scenario's step 4)."""
     server = RedisTLS(tmp_path_factory.mktemp("redis"), pki.server, pki.ca_cert).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo(pki: PKI) -> Iterator[TLSEchoServer]:
+    """A TLS echo server that requires client certificates and records their CNs."""
+    server = TLSEchoServer(pki.server, pki.ca_cert).start()
     yield server
     server.stop()
 

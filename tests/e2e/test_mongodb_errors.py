@@ -37,13 +37,6 @@ pytestmark = pytest.mark.e2e
 OP_REPLY, OP_QUERY, OP_COMPRESSED, OP_MSG = 1, 2004, 2012, 2013
 
 
-@pytest.fixture(scope="module")
-def echo(pki: PKI) -> Iterator[TLSEchoServer]:
-    server = TLSEchoServer(pki.server, pki.ca_cert).start()
-    yield server
-    server.stop()
-
-
 class Proxy:
     def __init__(self, proc: Dbmtls, ports: dict[str, int]) -> None:
         self.proc = proc
@@ -70,18 +63,6 @@ def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactor
     proc.start(wait_ports=tuple(ports.values()))
     yield Proxy(proc, ports)
     assert proc.stop() == 0
-
-
-def wait_line(proc: Dbmtls, pattern: str, timeout: float = 10.0) -> str:
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in proc.log().splitlines():
-            if rx.search(line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matches {pattern!r}:\n{proc.log()}")
-        time.sleep(0.05)
 
 
 def driver_error(port: int) -> str:
@@ -121,7 +102,7 @@ def test_driver_shows_the_reason(proxy: Proxy, driver_errors: dict[str, str], na
     message = driver_errors[name]
     assert re.search(rf"dbmtls: \[{name}\] [^']*{re.escape(text)}[^']* \(hint: ", message), message
     assert f"'code': {18 if code == 'AuthenticationFailed' else 6}, 'codeName': '{code}'" in message
-    line = wait_line(proxy.proc, rf"connection failed db={name} .*reason={reason}\b")
+    line = proxy.proc.wait_line(rf"connection failed db={name} .*reason={reason}\b")
     assert text in line
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from support.certs import PKI, Pair
 from support.net import free_port
 from support.proc import Dbmtls, tls_block
 from support.redis_server import RedisTLS
+from support.seed import SEED_DR
 
 pytestmark = pytest.mark.e2e
 
@@ -49,23 +49,6 @@ SEED_DNS_NAMES = [
     "foo-redis-master.istio-redis-mtls.svc.cluster.local",
 ]
 
-SEED_DR = """\
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: db-mtls
-spec:
-  host: foo-redis-master
-  workloadSelector:
-    matchLabels:
-      app: redis-client-istio
-  trafficPolicy:
-    tls:
-      mode: MUTUAL
-      clientCertificate: /client-certs/tls.crt
-      privateKey: /client-certs/tls.key
-      caCertificates: /client-certs/ca.crt
-"""
 
 MiB = 1 << 20
 
@@ -95,18 +78,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             raise AssertionError(f"connection closed after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
-
-
-def wait_line(proc: Dbmtls, pattern: str, timeout: float = 10.0) -> str:
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in proc.log().splitlines():
-            if rx.search(line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matches {pattern!r}:\n{proc.log()}")
-        time.sleep(0.05)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
@@ -233,7 +204,7 @@ def test_set_get_redis_py(proxy: Proxy) -> None:
     assert r.set("k1", "v1")
     assert r.get("k1") == b"v1"
     r.close()
-    wait_line(proxy.proc, r"connection closed db=ok .*tls=TLSv1\.3")
+    proxy.proc.wait_line(r"connection closed db=ok .*tls=TLSv1\.3")
 
 
 def test_16_mib_value_round_trips_byte_exact(proxy: Proxy) -> None:
@@ -281,7 +252,7 @@ def test_unix_socket_listener(proxy: Proxy) -> None:
     r = redis.Redis(unix_socket_path=proxy.unix_path)
     assert r.get("viaunix") == b"yes"
     r.close()
-    wait_line(proxy.proc, r"connection closed db=unix client=unix")
+    proxy.proc.wait_line(r"connection closed db=unix client=unix")
 
 
 def test_half_close_still_gets_the_reply(proxy: Proxy) -> None:
@@ -344,7 +315,7 @@ def test_app_speaking_tls_to_the_plaintext_listener(proxy: Proxy) -> None:
         timeout=10,
     )
     assert "PONG" not in out.stdout
-    line = wait_line(proxy.proc, r"connection failed db=ok .*reason=app_protocol")
+    line = proxy.proc.wait_line(r"connection failed db=ok .*reason=app_protocol")
     assert "connect without TLS" in line
     assert "redis-cli without --tls" in line
 
@@ -371,7 +342,7 @@ def test_failure_err_reply_and_log_line(proxy: Proxy, db: str, reason: str, text
     assert reply.startswith(f"-ERR dbmtls: [{db}] ".encode()), reply
     assert text.encode() in reply, reply
     assert reply.count(b"\r") == 1
-    line = wait_line(proxy.proc, rf"connection failed db={db} .*reason={reason}\b")
+    line = proxy.proc.wait_line(rf"connection failed db={db} .*reason={reason}\b")
     assert text in line
 
 
@@ -445,7 +416,7 @@ def test_seed_destination_rule_drives_a_working_proxy(pki: PKI, seed_redis: Redi
         assert out.stdout.strip() == "OK", (out, proc.log())
         # the name verified is the DestinationRule's host, although we dialled 127.0.0.1
         assert "upstream=foo-redis-master:6379" in proc.log()
-        wait_line(proc, r"connection closed db=db-mtls .*tls=TLSv1\.3")
+        proc.wait_line(r"connection closed db=db-mtls .*tls=TLSv1\.3")
         assert proc.stop() == 0
 
 

@@ -27,13 +27,6 @@ from support.tls_echo import TLSEchoServer
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def echo(pki: PKI) -> Iterator[TLSEchoServer]:
-    server = TLSEchoServer(pki.server, pki.ca_cert).start()
-    yield server
-    server.stop()
-
-
 class Proxy:
     def __init__(self, proc: Dbmtls, ports: dict[str, int]) -> None:
         self.proc = proc
@@ -84,21 +77,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _wait_line(proc: Dbmtls, pattern: str, timeout: float = 10.0) -> str:
-    """The first log line matching ``pattern`` (a regex), waiting for it to be written."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in proc.log().splitlines():
-            if rx.search(line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matches {pattern!r}:\n{proc.log()}")
-        time.sleep(0.05)
-
-
 def _failure_line(proc: Dbmtls, db: str, reason: str) -> str:
-    return _wait_line(proc, rf"connection failed db={re.escape(db)} .*reason={reason}\b")
+    return proc.wait_line(rf"connection failed db={re.escape(db)} .*reason={reason}\b")
 
 
 def _wait_count(proc: Dbmtls, needle: str, n: int, timeout: float = 10.0) -> int:
@@ -118,7 +98,7 @@ def test_echo_round_trip_with_client_cert(protocol: str, proxy: Proxy, echo: TLS
         assert _recv_exact(s, len(message)) == message
     echo.wait_for(lambda e: len(e.peer_cns) > before)
     assert echo.peer_cns[-1] == "jinsu"
-    line = _wait_line(proxy.proc, rf"connection closed db={protocol}-ok .*bytes_in={len(message)}\b")
+    line = proxy.proc.wait_line(rf"connection closed db={protocol}-ok .*bytes_in={len(message)}\b")
     assert f"bytes_in={len(message)}" in line
     assert f"bytes_out={len(message)}" in line
     assert "tls=TLSv1.3" in line
@@ -165,7 +145,7 @@ def test_rejected_client_cert_while_the_app_is_idle(proxy: Proxy) -> None:
             s.sendall(_mongo_like(b"x"))
         with contextlib.suppress(ConnectionResetError):
             assert s.recv(100) == b""
-    _wait_line(proxy.proc, rf"connection failed db={name} .*duration=0\.[0-9]+s .*reason=client_cert_rejected")
+    proxy.proc.wait_line(rf"connection failed db={name} .*duration=0\.[0-9]+s .*reason=client_cert_rejected")
 
 
 def test_tls_client_on_mongodb_listener_is_refused_with_a_reason(proxy: Proxy) -> None:

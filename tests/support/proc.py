@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,18 @@ class Dbmtls:
                 return text
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} not in the dbmtls log after {timeout}s:\n{self.log()}")
+
+    def wait_line(self, pattern: str, timeout: float = 10.0) -> str:
+        """The first log line matching the regular expression ``pattern`` (waiting for it)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()}")
+            time.sleep(0.05)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

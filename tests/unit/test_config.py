@@ -21,24 +21,7 @@ from dbmtls.config.load import load_config
 from dbmtls.config.model import Config, parse_duration
 from dbmtls.errors import ConfigError
 from support.certs import PKI
-
-SEED_DR = """\
-apiVersion: networking.istio.io/v1alpha3
-kind: DestinationRule
-metadata:
-  name: db-mtls
-spec:
-  host: foo-redis-master
-  workloadSelector:
-    matchLabels:
-      app: redis-client-istio
-  trafficPolicy:
-    tls:
-      mode: MUTUAL
-      clientCertificate: /client-certs/tls.crt
-      privateKey: /client-certs/tls.key
-      caCertificates: /client-certs/ca.crt
-"""
+from support.seed import SEED_DR
 
 
 def write(tmp: Path, name: str, text: str) -> Path:
