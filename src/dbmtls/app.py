@@ -31,6 +31,10 @@ class App:
         if self._shutdown is None:
             LOG.info("shutting down", extra={"fields": {"why": why}})
             self._shutdown = asyncio.get_running_loop().create_task(self._drain())
+        elif why.startswith("SIG"):
+            # a second signal during the drain: the operator wants out now
+            LOG.warning("second signal: closing all connections now", extra={"fields": {"why": why}})
+            self.proxy.close_all()
 
     async def _drain(self) -> None:
         await self.proxy.drain(self.config.drainTimeout)

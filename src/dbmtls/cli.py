@@ -44,6 +44,16 @@ def version() -> None:
 def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run the proxy in the foreground (logs to stderr; SIGTERM drains and exits 0)."""
     config = _load(configs)
+    if admin is not None and admin != "off":
+        from pydantic import ValidationError
+
+        from dbmtls.config.model import AdminConfig
+
+        try:
+            AdminConfig(listen=admin, allowRemote=config.admin.allowRemote)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise click.BadParameter(msg, param_hint="--admin") from None
     setup_logging(log_level or config.log.level, log_format or config.log.format)
     from dbmtls.app import run as run_app
 

@@ -18,7 +18,9 @@ CONN_LOG = logging.getLogger("dbmtls.conn")
 
 def _fmt_value(v: object) -> str:
     s = str(v)
-    if not s or any(c in s for c in ' "='):
+    # Values can come from apps (a DB user name): quote anything that could fake a field or a
+    # line (space, quote, '=', control characters such as newline), JSON-escaping it.
+    if not s or any(c in ' "=\x7f' or c < " " for c in s):
         return json.dumps(s)
     return s
 

@@ -105,6 +105,14 @@ def test_endpoints_metrics_match_traffic(pki: PKI, redis_tls: RedisTLS, workdir:
         assert _get(proxy.admin_url + "/loglevel", "POST", b"chatty")[0] == 400
         assert _get(proxy.admin_url + "/nope")[0] == 404
         assert _get(proxy.admin_url + "/quitquitquit")[0] == 405
+        # a web page cannot POST to the admin API (browsers always send Origin cross-site)
+        req = urllib.request.Request(
+            proxy.admin_url + "/quitquitquit", method="POST", headers={"Origin": "http://evil.example"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=5)
+        assert refused.value.code == 403
+        assert _get(proxy.admin_url + "/healthz") == (200, "ok\n")
 
         assert _get(proxy.admin_url + "/quitquitquit", "POST") == (200, "draining\n")
         assert proxy.proc is not None

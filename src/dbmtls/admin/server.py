@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 MAX_HEAD = 8192
 MAX_BODY = 1024
 READ_TIMEOUT = 5.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 def readiness(app: App) -> list[str]:
@@ -74,27 +81,32 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-                method, path, headers = _parse_head(head)
-                length = int(headers.get("content-length", "0") or 0)
-                if length < 0 or length > MAX_BODY:
-                    raise ValueError("body too large")
-                body = await reader.readexactly(length) if length else b""
-            status, ctype, payload = self.route(method, path, body)
-        except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            status, ctype, payload = 400, "text/plain", b"bad request\n"
-        except ConnectionError:
-            return
-        head_out = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
-            f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-        )
-        try:
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    method, path, headers = _parse_head(head)
+                    length = int(headers.get("content-length", "0") or 0)
+                    if length < 0 or length > MAX_BODY:
+                        raise ValueError("body too large")
+                    body = await reader.readexactly(length) if length else b""
+                if method == "POST" and "origin" in headers:
+                    # Browsers send Origin on every cross-site POST: a web page must not be able
+                    # to stop the sidecar or change its log level (CSRF against localhost).
+                    status, ctype, payload = 403, "text/plain", b"cross-origin requests are refused\n"
+                else:
+                    status, ctype, payload = self.route(method, path, body)
+            except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                status, ctype, payload = 400, "text/plain", b"bad request\n"
+            head_out = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+            )
             writer.write(head_out.encode("ascii") + payload)
             await writer.drain()
         except ConnectionError:
             pass
+        except Exception:
+            LOG.exception("admin request failed")
         finally:
             writer.close()
 

@@ -64,6 +64,10 @@ def _map_tls(tls: Any, source: str, path: str) -> dict[str, Any]:
     unknown = set(tls) - _TLS_FIELDS
     if unknown:
         raise _err(source, f"{path}.{sorted(unknown)[0]}", "unknown field in ClientTLSSettings")
+    if "mode" not in tls and set(tls) - {"mode"}:
+        # Istio's default mode is DISABLE: TLS settings without a mode would silently mean
+        # plaintext, which is never what someone who wrote a CA path meant.
+        raise _err(source, f"{path}.mode", "TLS settings without a mode: set mode: SIMPLE or MUTUAL (or DISABLE)")
     mode = tls.get("mode", "DISABLE")
     if mode == "ISTIO_MUTUAL":
         raise _err(

@@ -154,6 +154,10 @@ class TLSSettings(_Model):
             )
         if self.mode != "MUTUAL" and (self.clientCertificate or self.userCertificates):
             raise FieldError("mode", f"client certificates are only presented in mode MUTUAL, not {self.mode}")
+        if self.mode == "DISABLE":
+            for name in ("caCertificates", "sni", "insecureSkipVerify", "subjectAltNames"):
+                if getattr(self, name):
+                    raise FieldError(name, f"mode DISABLE sends plaintext and ignores {name}: use SIMPLE or MUTUAL")
         if self.maxProtocolVersion == "TLSV1_2" and self.minProtocolVersion == "TLSV1_3":
             raise FieldError("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
         return self
@@ -229,6 +233,9 @@ class DatabaseConfig(_Model):
 
 class AdminConfig(_Model):
     listen: str = "127.0.0.1:15000"  # "off" disables the admin server
+    # The admin API can stop the process and change its log level, and has no authentication:
+    # a non-loopback address (e.g. for Prometheus on the pod IP) must be asked for by name.
+    allowRemote: bool = False  # noqa: N815
 
     @field_validator("listen")
     @classmethod
@@ -236,6 +243,16 @@ class AdminConfig(_Model):
         if v != "off":
             split_host_port(v)
         return v
+
+    @model_validator(mode="after")
+    def _loopback(self) -> AdminConfig:
+        if self.listen != "off" and not self.allowRemote and not is_loopback(split_host_port(self.listen)[0]):
+            raise FieldError(
+                "listen",
+                f"admin listen {self.listen} is not loopback: the admin API has no authentication; "
+                "set admin.allowRemote: true to open it up on purpose",
+            )
+        return self
 
 
 class LogConfig(_Model):

@@ -29,6 +29,7 @@ class Endpoint(asyncio.Protocol):
         self._paused = False
         self.closed = False
         self.tls = False  # set once TLS runs on this transport: eof_received must then return False
+        self.successor: asyncio.Protocol | None = None  # who took the transport over (see detach)
 
     # --- asyncio.Protocol ---------------------------------------------------------
 
@@ -37,13 +38,18 @@ class Endpoint(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.successor is not None:
+            self.successor.data_received(data)
+            return
         self._buffer += data
         if len(self._buffer) > HANDSHAKE_BUFFER_LIMIT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
+        if self.successor is not None:
+            return self.successor.eof_received()
         self._eof = True
         self._wake()
         # Keep the write side open (the machine may still answer); TLS transports cannot
@@ -51,6 +57,12 @@ class Endpoint(asyncio.Protocol):
         return not self.tls
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.successor is not None:
+            # uvloop binds a callback to the protocol when it *schedules* it: a close that
+            # was already queued when the relay took over still arrives here.  Pass it on,
+            # or the relay would wait for it forever.
+            self.successor.connection_lost(cast(Exception | None, exc))
+            return
         self._eof = True
         self.closed = True
         self._exc = exc
@@ -102,7 +114,10 @@ class Endpoint(asyncio.Protocol):
             self.transport.abort()
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
-        """Give up the transport (the relay installs its own protocol) and the unread bytes."""
+        """Give up the transport (the relay installs its own protocol) and the unread bytes.
+
+        The new owner sets ``successor``, so callbacks already queued for this object reach it.
+        """
         assert self.transport is not None
         data = bytes(self._buffer)
         self._buffer.clear()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
 
@@ -70,6 +71,7 @@ class Proxy:
         self.config = config
         self.runtimes = {db.name: DatabaseRuntime(db, alpn_for(db)) for db in config.databases}
         self._servers: list[asyncio.Server] = []
+        self._unix_bound: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.stopped = asyncio.Event()
@@ -84,6 +86,11 @@ class Proxy:
                 m = rt.tls.load()
                 for w in m.warnings:
                     LOG.warning(w, extra={"fields": {"db": rt.name}})
+                if not rt.tls.enabled:
+                    LOG.warning(
+                        "tls.mode is DISABLE: traffic to the database is NOT encrypted",
+                        extra={"fields": {"db": rt.name}},
+                    )
                 if rt.db.tls.insecureSkipVerify:
                     LOG.warning(
                         "insecureSkipVerify is on: the server certificate and name are NOT verified",
@@ -107,13 +114,21 @@ class Proxy:
                 if listen.startswith("unix:"):
                     path = listen[len("unix:") :]
                     _remove_stale_socket(path)
-                    server = await loop.create_unix_server(factory, path, backlog=1024)
-                    os.chmod(path, 0o660)
+                    # bind under umask 0117: the socket is created 0660, never more open even briefly
+                    old_umask = os.umask(0o117)
+                    try:
+                        server = await loop.create_unix_server(factory, path, backlog=1024)
+                    finally:
+                        os.umask(old_umask)
+                    st = os.stat(path)
+                    self._unix_bound[path] = (st.st_dev, st.st_ino)
                 else:
                     host, port = split_host_port(listen)
                     server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
-            except OSError as exc:
+            except (OSError, ConfigError) as exc:
                 await self.close_listeners()
+                if isinstance(exc, ConfigError):
+                    raise
                 raise ConfigError(
                     f"cannot listen on {listen}: {exc.strerror or exc}", path=f"databases[{rt.name}].listen"
                 ) from None
@@ -196,15 +211,24 @@ class Proxy:
     # --- shutdown --------------------------------------------------------------------
 
     async def close_listeners(self) -> None:
-        for s in self._servers:
-            s.close()
+        for server in self._servers:
+            server.close()
         for rt in self.runtimes.values():
             rt.listening = False
-            if rt.db.listen.startswith("unix:"):
-                path = rt.db.listen[len("unix:") :]
-                with contextlib.suppress(FileNotFoundError):
+        # Remove only the socket files this process bound and that are still ours: another
+        # instance may have taken the path over (an overlapping restart).
+        for path, ident in self._unix_bound.items():
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == ident:
                     os.unlink(path)
+        self._unix_bound.clear()
         self._servers.clear()
+
+    def close_all(self) -> None:
+        """Cancel every connection task (each closes its sockets)."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, let open connections finish for ``grace`` seconds, then close the rest."""
@@ -225,13 +249,19 @@ class Proxy:
 
 
 def _remove_stale_socket(path: str) -> None:
-    """A unix socket file nobody listens on (left by a crash) may be replaced; a live one may not."""
-    if not os.path.exists(path):
+    """Replace a socket file nobody listens on (left by a crash); refuse anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"cannot listen on unix:{path}: the path exists and is not a socket", path="listen")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)
     except OSError:
-        os.unlink(path)
+        os.unlink(path)  # stale: nobody accepts on it
+        return
     finally:
         s.close()
+    raise ConfigError(f"cannot listen on unix:{path}: another process is listening on it", path="listen")

@@ -101,7 +101,8 @@ def _dns_match(pattern: str, name: str) -> bool:
     if pattern == name:
         return True
     # RFC 6125: a wildcard only as the whole left-most label, matching exactly one label.
-    if pattern.startswith("*.") and "*" not in pattern[2:]:
+    # ... and never for a whole public suffix-like name ("*.com", "*."), which OpenSSL refuses too.
+    if pattern.startswith("*.") and "*" not in pattern[2:] and "." in pattern[2:].strip("."):
         head, _, rest = name.partition(".")
         return bool(head) and rest == pattern[2:]
     return False

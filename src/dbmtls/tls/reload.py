@@ -87,7 +87,9 @@ class Reloader:
         from watchfiles import awatch
 
         try:
-            async for _changes in awatch(*dirs, stop_event=self._stop, debounce=200, step=50, watch_filter=None):
+            # rust_timeout bounds how long stopping the watcher thread takes at shutdown
+            changes = awatch(*dirs, stop_event=self._stop, debounce=200, step=50, watch_filter=None, rust_timeout=500)
+            async for _changes in changes:
                 self.reload_all("file change", force=False)
         except Exception as exc:  # inotify limits, vanished directories: the poll still runs
             LOG.warning("file watching stopped; polling only", extra={"fields": {"error": str(exc)}})

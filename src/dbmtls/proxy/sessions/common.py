@@ -62,6 +62,8 @@ async def run_relay(
         early_upstream_error=early,
     )
     conn.relay = relay
+    conn.app.successor = relay.from_app
+    up.successor = relay.from_up
     if on_start is not None:
         on_start(relay, up_t, upstream_pending + up_buf)
     if conn.app.eof_seen:

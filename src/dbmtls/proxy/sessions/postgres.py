@@ -132,7 +132,8 @@ async def _open_upstream(conn: Conn, user: str | None) -> Endpoint:
     conn.rt.tls.context_for(user)
     up = await upstream.connect(conn)
     try:
-        if not db.directTls:
+        # mode DISABLE: plain pgwire to the server (no SSLRequest, nothing to upgrade)
+        if not db.directTls and conn.rt.tls.enabled:
             up.write(pg.SSL_REQUEST)
             negotiation = pg.UpstreamNegotiation()
             try:
