@@ -79,6 +79,7 @@ class Conn:
     cipher: str | None = None
     error: DbmtlsError | None = None
     relay: Relay | None = None
+    upstream: Endpoint | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"
 
     @property

@@ -168,13 +168,11 @@ class Proxy:
             conn.error = err.with_database(rt.name)
             conn.app.close()
         except asyncio.CancelledError:
-            if conn.relay:
-                conn.relay.abort()
-            conn.app.abort()
+            _abort(conn)
             raise
         except Exception:
             LOG.exception("internal error on a connection", extra={"fields": {"db": rt.name}})
-            conn.app.abort()
+            _abort(conn)
         finally:
             rt.active.discard(conn)
             rt.stats.closed += 1
@@ -246,6 +244,15 @@ class Proxy:
                     t.cancel()
                 await asyncio.wait(pending, timeout=5)
         self.stopped.set()
+
+
+def _abort(conn: Conn) -> None:
+    """Drop every socket of a session that is being cancelled or failed internally."""
+    if conn.relay is not None:
+        conn.relay.abort()
+    if conn.upstream is not None:
+        conn.upstream.abort()
+    conn.app.abort()
 
 
 def _remove_stale_socket(path: str) -> None:

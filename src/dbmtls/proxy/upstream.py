@@ -37,6 +37,7 @@ async def connect(conn: Conn) -> Endpoint:
             err.message = f"connecting to {_target(conn)} timed out after {db.connectTimeout:g}s"
         raise err from None
     conn.rt.stats.connect_seconds.observe(time.monotonic() - started)
+    conn.upstream = ep
     return ep
 
 
