@@ -1,52 +1,102 @@
 """One error tree for everything that can go wrong on a connection.
 
-Each class knows how it is spelled in every wire protocol dbmtls speaks toward
-the application: a PostgreSQL SQLSTATE, a MySQL errno + SQLSTATE, a MongoDB
-code + codeName, and a short ``reason`` used as a metric label.  The protocol
-modules turn an instance into an ErrorResponse / ERR packet / ``-ERR`` reply,
-so "what went wrong" is decided once, where it is detected, and "how to say it"
-is decided once per protocol (see h2's exceptions and asyncpg's SQLSTATE
-classes for the same idea).
+What went wrong is decided once, where it is detected: the session raises one of
+these classes.  How to say it is decided once per protocol: each protocol module
+in ``dbmtls.protocols`` maps a :class:`Reason` to its own wire codes (a PostgreSQL
+SQLSTATE, a MySQL errno + SQLSTATE, a MongoDB code + codeName) and renders the
+error in its framing.  Recording it (the close log line, the failure metric) is
+done once, by the proxy, for every protocol alike.  See ``docs/errors.md``.
 
-Messages reach applications and logs: they must never contain key material,
-and :meth:`DbmtlsError.wire_text` makes them single-line ASCII so that no
-protocol framing (RESP's CRLF, C strings' NUL) can be broken by an error text.
+Errors are immutable: context is added with :meth:`DbmtlsError.with_database` and
+:meth:`DbmtlsError.with_message`, which return copies, so ``str(err)`` and
+``err.message`` can never disagree and an error that was logged is the error
+that was sent.
+
+Messages reach applications and logs: they must never contain key material, and
+:meth:`DbmtlsError.wire_text` makes them single-line ASCII so that no protocol
+framing (RESP's CRLF, C strings' NUL) can be broken by an error text.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import copy
+import enum
+from typing import Any, ClassVar, Self
+
+
+class Reason(enum.StrEnum):
+    """Why a connection failed: the ``reason`` label of the failure metric and log line."""
+
+    INTERNAL = "internal"
+    CONFIG = "config"
+    # the application side
+    APP_PROTOCOL = "app_protocol"
+    NO_CERTIFICATE_FOR_USER = "no_certificate_for_user"
+    # the upstream side
+    UPSTREAM = "upstream"
+    CONNECTION_REFUSED = "connection_refused"
+    TIMEOUT = "timeout"
+    SERVER_REFUSED_TLS = "server_refused_tls"
+    UPSTREAM_PROTOCOL = "upstream_protocol"
+    HANDSHAKE_FAILED = "handshake_failed"
+    UNKNOWN_CA = "unknown_ca"
+    NAME_MISMATCH = "name_mismatch"
+    EXPIRED = "expired"
+    CLIENT_CERT_REJECTED = "client_cert_rejected"
+
+
+# Reasons a connection can fail with once the process runs (CONFIG and INTERNAL are not
+# per-connection outcomes): the metric exports a zero for each, so dashboards see no gaps.
+CONNECTION_FAILURES: tuple[Reason, ...] = tuple(r for r in Reason if r not in (Reason.INTERNAL, Reason.CONFIG))
 
 
 class DbmtlsError(Exception):
     """Base class. ``str(err)`` is the human message without the database name."""
 
-    reason: ClassVar[str] = "internal"
-    pg_sqlstate: ClassVar[str] = "08006"  # connection_failure
-    mysql_errno: ClassVar[int] = 1043  # ER_HANDSHAKE_ERROR
-    mysql_sqlstate: ClassVar[str] = "08S01"
-    mongo_code: ClassVar[int] = 6
-    mongo_codename: ClassVar[str] = "HostUnreachable"
+    reason: ClassVar[Reason] = Reason.INTERNAL
     default_hint: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, hint: str | None = None, database: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
-        self.hint = hint if hint is not None else self.default_hint
-        self.database = database
+        self._message = message
+        self._hint = hint if hint is not None else self.default_hint
+        self._database = database
 
-    def with_database(self, database: str) -> DbmtlsError:
-        if self.database is None:
-            self.database = database
-        return self
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @property
+    def hint(self) -> str | None:
+        return self._hint
+
+    @property
+    def database(self) -> str | None:
+        """The dbmtls database (config name) the error happened on, once known."""
+        return self._database
+
+    def _replace(self, **changes: Any) -> Self:
+        new = copy.copy(self)
+        for name, value in changes.items():
+            setattr(new, f"_{name}", value)
+        new.args = (new._message,)
+        return new
+
+    def with_database(self, database: str) -> Self:
+        """A copy that names ``database`` (unless it already names one)."""
+        return self if self._database is not None else self._replace(database=database)
+
+    def with_message(self, message: str) -> Self:
+        """A copy with a more precise message (e.g. naming the server that failed)."""
+        return self._replace(message=message)
 
     def wire_text(self, prefix: str = "dbmtls") -> str:
         """The one-line ASCII text shown to the application."""
-        where = f"[{self.database}] " if self.database else ""
-        return sanitize(f"{prefix}: {where}{self.message}")
+        where = f"[{self._database}] " if self._database else ""
+        return sanitize(f"{prefix}: {where}{self._message}")
 
     def wire_hint(self) -> str | None:
-        return sanitize(self.hint) if self.hint else None
+        return sanitize(self._hint) if self._hint else None
 
 
 def sanitize(text: str, limit: int = 1000) -> str:
@@ -62,7 +112,7 @@ def sanitize(text: str, limit: int = 1000) -> str:
 class ConfigError(DbmtlsError):
     """A configuration problem; ``path`` is the YAML path, ``source`` the file."""
 
-    reason = "config"
+    reason = Reason.CONFIG
 
     def __init__(self, message: str, *, source: str | None = None, path: str | None = None) -> None:
         self.source = source
@@ -77,23 +127,21 @@ class ConfigError(DbmtlsError):
 class AppProtocolError(DbmtlsError):
     """The application sent something that is not the protocol it is configured for."""
 
-    reason = "app_protocol"
-    pg_sqlstate = "08P01"  # protocol_violation
-    mysql_errno = 1043
-    mysql_sqlstate = "08S01"
-    mongo_code = 2
-    mongo_codename = "BadValue"
+    reason = Reason.APP_PROTOCOL
+
+
+class AppTLSError(AppProtocolError):
+    """The application started a TLS handshake on the plaintext listener.
+
+    Its own class because the answer differs: a TLS client cannot read a plaintext error
+    message, so it just gets the close (and the log line says what to change).
+    """
 
 
 class IdentityError(DbmtlsError):
     """No client certificate is configured for the identity the app asked for."""
 
-    reason = "no_certificate_for_user"
-    pg_sqlstate = "28000"  # invalid_authorization_specification
-    mysql_errno = 1045  # ER_ACCESS_DENIED_ERROR
-    mysql_sqlstate = "28000"
-    mongo_code = 18
-    mongo_codename = "AuthenticationFailed"
+    reason = Reason.NO_CERTIFICATE_FOR_USER
 
 
 # --- the upstream side --------------------------------------------------------------
@@ -102,59 +150,52 @@ class IdentityError(DbmtlsError):
 class UpstreamError(DbmtlsError):
     """Anything that failed while reaching or negotiating with the real server."""
 
-    reason = "upstream"
+    reason = Reason.UPSTREAM
 
 
 class UpstreamUnreachable(UpstreamError):
-    reason = "connection_refused"
-    pg_sqlstate = "08001"  # sqlclient_unable_to_establish_sqlconnection
+    reason = Reason.CONNECTION_REFUSED
     default_hint = "check that the database address in the dbmtls config is right and the server is up"
 
 
 class UpstreamTimeout(UpstreamError):
-    reason = "timeout"
-    pg_sqlstate = "08001"
+    reason = Reason.TIMEOUT
     default_hint = "the server or the network is slow or dropping packets; see connectTimeout/handshakeTimeout"
 
 
 class TLSRefused(UpstreamError):
     """The server does not offer TLS (PostgreSQL 'N', MySQL without CLIENT_SSL)."""
 
-    reason = "server_refused_tls"
+    reason = Reason.SERVER_REFUSED_TLS
     default_hint = "enable TLS on the database server; dbmtls never falls back to plaintext"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The server broke the protocol during the handshake (including injected plaintext)."""
 
-    reason = "upstream_protocol"
+    reason = Reason.UPSTREAM_PROTOCOL
 
 
 class TLSHandshakeError(UpstreamError):
-    reason = "handshake_failed"
+    reason = Reason.HANDSHAKE_FAILED
     default_hint = "run 'dbmtls check' and compare the server certificate with the tls settings"
 
 
 class UnknownCA(TLSHandshakeError):
-    reason = "unknown_ca"
+    reason = Reason.UNKNOWN_CA
     default_hint = "the server certificate does not chain to tls.caCertificates; check the CA bundle"
 
 
 class NameMismatch(TLSHandshakeError):
-    reason = "name_mismatch"
+    reason = Reason.NAME_MISMATCH
     default_hint = "set tls.sni / tls.subjectAltNames to a name the server certificate carries"
 
 
 class CertificateExpired(TLSHandshakeError):
-    reason = "expired"
+    reason = Reason.EXPIRED
     default_hint = "the server certificate is expired or not yet valid; renew it (or fix the clock)"
 
 
 class ClientCertRejected(TLSHandshakeError):
-    reason = "client_cert_rejected"
-    pg_sqlstate = "28000"
-    mysql_errno = 1045
-    mysql_sqlstate = "28000"
-    mongo_code = 18
-    mongo_codename = "AuthenticationFailed"
+    reason = Reason.CLIENT_CERT_REJECTED
     default_hint = "the server does not accept the client certificate; check its CA and that it is not expired"

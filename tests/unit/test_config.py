@@ -138,7 +138,7 @@ def test_top_level_duration(tmp_path: Path) -> None:
         (db(listen="127.0.0.1:70000"), "databases[0].listen", "port must be 1-65535"),
         (db(listen="unix:"), "databases[0].listen", "needs a socket path"),
         (db(address="a:b:c"), "databases[0].address", "IPv6"),
-        (db(protocol="oracle"), "databases[0].protocol", "'redis'"),
+        (db(protocol="oracle"), "databases[0].protocol", "unknown protocol 'oracle'; one of redis"),
         (db(name="has space"), "databases[0].name", "should match pattern"),
         (db(directTls=True), "databases[0].directTls", "postgres only"),
         (

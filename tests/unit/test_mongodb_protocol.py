@@ -24,7 +24,7 @@ from dbmtls.protocols.mongodb import (
     OP_MSG,
     OP_QUERY,
     OP_REPLY,
-    ErrorResponder,
+    ErrorAnswers,
     Message,
     MessageReader,
     MongoProtocolError,
@@ -301,7 +301,7 @@ def test_not_answerable(data: bytes) -> None:
     msgs = reader.feed(data)
     assert len(msgs) == 1 or reader.error is not None  # a whole message, or not even that
     assert all(error_reply(m, ERR, 1) is None for m in msgs)
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     assert responder.feed(data) == []
     assert responder.broken
 
@@ -310,7 +310,7 @@ def test_not_answerable(data: bytes) -> None:
 
 
 def test_responder_answers_each_request_with_own_ids() -> None:
-    responder = ErrorResponder(ERR, first_request_id=100)
+    responder = ErrorAnswers(ERR, first_request_id=100)
     replies = responder.feed(op_query(request_id=1) + op_msg(request_id=2))
     assert [unpack_reply(r)[0].response_to for r in replies] == [1, 2]
     assert [unpack_reply(r)[0].request_id for r in replies] == [100, 101]
@@ -319,13 +319,13 @@ def test_responder_answers_each_request_with_own_ids() -> None:
 
 
 def test_responder_byte_at_a_time() -> None:
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     replies = [r for i in range(len(STREAM)) for r in responder.feed(STREAM[i : i + 1])]
     assert [unpack_reply(r)[0].response_to for r in replies] == [1, 2, 3]
 
 
 def test_responder_stops_at_the_first_unanswerable_message() -> None:
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     compressed = message(OP_COMPRESSED, struct.pack("<iiB", OP_MSG, 10, 1) + b"x" * 10, request_id=2)
     replies = responder.feed(op_msg(request_id=1) + compressed + op_msg(request_id=3))
     assert [unpack_reply(r)[0].response_to for r in replies] == [1]
@@ -334,7 +334,7 @@ def test_responder_stops_at_the_first_unanswerable_message() -> None:
 
 
 def test_responder_breaks_on_a_bad_length_without_buffering() -> None:
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     assert responder.feed(struct.pack("<iiii", MAX_MESSAGE_SIZE + 1, 1, 0, OP_MSG)) == []
     assert responder.broken
 
@@ -343,12 +343,12 @@ def test_responder_tls_client_hello_is_not_answered() -> None:
     # a ClientHello's first bytes read as a ~33 MB length: within bounds, so the reader waits
     # (the session's time window ends it); it never yields a reply.
     hello = bytes.fromhex("160301020001") + b"\x00" * 300
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     assert responder.feed(hello) == []
 
 
 def test_request_ids_wrap_within_int32() -> None:
-    responder = ErrorResponder(ERR, first_request_id=2**31 - 1)
+    responder = ErrorAnswers(ERR, first_request_id=2**31 - 1)
     replies = responder.feed(op_msg(request_id=1) + op_msg(request_id=2))
     assert [unpack_reply(r)[0].request_id for r in replies] == [2**31 - 1, 0]
 
@@ -379,7 +379,7 @@ def test_parse_header_fuzz(data: bytes) -> None:
 @settings(max_examples=300)
 @given(_garbage, st.integers(min_value=1, max_value=50))
 def test_responder_fuzz(data: bytes, step: int) -> None:
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     replies = [r for i in range(0, len(data), step) for r in responder.feed(data[i : i + step])]
     for r in replies:
         _, doc = unpack_reply(r)  # whatever it answers is a well-formed reply
@@ -407,6 +407,6 @@ def test_mutated_requests_fuzz(data: bytes, edits: list[tuple[int, int]]) -> Non
     mutated = bytearray(data)
     for pos, value in edits:
         mutated[HEADER_SIZE + pos % (len(data) - HEADER_SIZE)] = value  # keep the framing
-    responder = ErrorResponder(ERR)
+    responder = ErrorAnswers(ERR)
     for r in responder.feed(bytes(mutated)):
         assert unpack_reply(r)[0].response_to == 7

@@ -37,9 +37,11 @@ from dbmtls.protocols.mysql import (
     CLIENT_ZSTD_COMPRESSION_ALGORITHM,
     MAX_HANDSHAKE_PACKET,
     MAX_IDLE_BUFFER,
-    Action,
+    Event,
     Fail,
     MySQLHandshake,
+    MySQLState,
+    NeedData,
     NeedUser,
     Relay,
     SendToApp,
@@ -165,17 +167,17 @@ def public_key_from(data: bytes) -> rsa.RSAPublicKey:
     return key
 
 
-def drain(hs: MySQLHandshake) -> list[Action]:
-    out: list[Action] = []
-    while (action := hs.next_action()) is not None:
+def drain(hs: MySQLHandshake) -> list[Event]:
+    out: list[Event] = []
+    while not isinstance(action := hs.next_event(), NeedData):
         out.append(action)
     return out
 
 
-def feed(hs: MySQLHandshake, side: Literal["server", "app"], data: bytes, *, bytewise: bool = False) -> list[Action]:
-    fn = hs.server_data if side == "server" else hs.app_data
+def feed(hs: MySQLHandshake, side: Literal["server", "app"], data: bytes, *, bytewise: bool = False) -> list[Event]:
+    fn = hs.receive_server_data if side == "server" else hs.receive_app_data
     if bytewise:
-        out: list[Action] = []
+        out: list[Event] = []
         for i in range(len(data)):
             fn(data[i : i + 1])
             out += drain(hs)
@@ -226,7 +228,7 @@ def test_mysql8_greeting_is_rewritten_with_only_the_three_bits_cleared(bytewise:
     assert new.auth_plugin == "caching_sha2_password"
     assert info.server_version == "8.0.36"
     assert not info.is_mariadb
-    assert hs.state == "APP_RESPONSE"
+    assert hs.state is MySQLState.APP_RESPONSE
 
 
 def test_mariadb_greeting_keeps_extended_caps_and_scramble() -> None:
@@ -255,7 +257,7 @@ def test_server_error_instead_of_greeting_is_relayed_verbatim() -> None:
     assert "1129" in str(fail.error)
     assert "blocked" in str(fail.error)
     assert fail.to_app == err
-    assert hs.state == "FAILED"
+    assert hs.state is MySQLState.FAILED
 
 
 def test_no_client_ssl_fails_with_a_pre_greeting_err_1043() -> None:
@@ -338,9 +340,9 @@ def test_mariadb_native_password_happy_path(bytewise: bool) -> None:
 
     (relay,) = feed(hs, "server", packet(OK, 3), bytewise=bytewise)
     assert relay == Relay(to_app=packet(OK, 2), to_server=b"")
-    assert hs.state == "DONE"
+    assert hs.state is MySQLState.DONE
     with pytest.raises(RuntimeError):
-        hs.server_data(b"x")
+        hs.receive_server_data(b"x")
 
 
 def test_relay_carries_leftover_bytes_both_ways() -> None:
@@ -468,7 +470,7 @@ def test_glue_failures_use_the_format_of_the_phase() -> None:
     assert (seq, payload[:9]) == (2, b"\xff\x13\x04#08S01")
     assert b"(hint: run 'dbmtls check'" in payload
     assert drain(after2) == []
-    after2.server_data(b"ignored")  # no exception, no action once failed
+    after2.receive_server_data(b"ignored")  # no exception, no action once failed
     assert drain(after2) == []
 
 
@@ -645,7 +647,7 @@ Step = tuple[Literal["server", "app"], bytes]
 
 @dataclass
 class Run:
-    actions: list[Action] = field(default_factory=list)
+    actions: list[Event] = field(default_factory=list)
     max_buffered: int = 0
 
 
@@ -658,9 +660,9 @@ def run(
     for side, data in steps:
         chunks = cuts(data) if cuts else iter([data])
         for chunk in chunks:
-            (hs.server_data if side == "server" else hs.app_data)(chunk)
+            (hs.receive_server_data if side == "server" else hs.receive_app_data)(chunk)
             result.max_buffered = max(result.max_buffered, hs.buffered)
-            while (action := hs.next_action()) is not None:
+            while not isinstance(action := hs.next_event(), NeedData):
                 result.actions.append(action)
                 if isinstance(action, NeedUser):
                     hs.proceed()
@@ -823,15 +825,15 @@ async def serve_one(
     greet: bytes,
     on_need_user: Callable[[MySQLHandshake, str], bytes | None],
     upstream: FakeUpstream,
-    log: list[Action],
+    log: list[Event],
 ) -> None:
     hs = MySQLHandshake(rsa_key=KEY)
-    hs.server_data(packet(greet, 0))
+    hs.receive_server_data(packet(greet, 0))
     relayed = False
     try:
         while True:
             pending: list[bytes] = []
-            while (action := hs.next_action()) is not None:
+            while not isinstance(action := hs.next_event(), NeedData):
                 log.append(action)
                 if isinstance(action, SendToApp):
                     writer.write(action.data)
@@ -858,9 +860,9 @@ async def serve_one(
                 break
             if pending:
                 for data in pending:
-                    hs.server_data(data)
+                    hs.receive_server_data(data)
                 continue
-            hs.app_data(await reader.read(65536))
+            hs.receive_app_data(await reader.read(65536))
         # Command phase: answer every command with OK until COM_QUIT or EOF.
         while True:
             header = await reader.readexactly(4)
@@ -879,8 +881,8 @@ def with_pymysql_server(
     greet: bytes,
     on_need_user: Callable[[MySQLHandshake, str], bytes | None],
     client: Callable[[int], object],
-) -> tuple[list[Action], FakeUpstream, object]:
-    log: list[Action] = []
+) -> tuple[list[Event], FakeUpstream, object]:
+    log: list[Event] = []
     upstream = FakeUpstream()
     outcome: dict[str, object] = {}
 

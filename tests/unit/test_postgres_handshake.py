@@ -32,15 +32,19 @@ from dbmtls.protocols.postgres import (
     AppClosed,
     AppEvent,
     AppHandshake,
+    BackendKey,
     BackendScanner,
     CancelRequest,
     NeedData,
     Reply,
     Startup,
+    StartupDone,
+    TLSAccepted,
     UpstreamNegotiation,
     encode_startup,
     error_response,
     parse_backend_key_data,
+    sqlstate,
     strip_scram_plus,
 )
 
@@ -356,7 +360,7 @@ def test_app_protocol_errors(name: str, mode: str) -> None:
     with pytest.raises(AppProtocolError, match=message) as info:
         run(data + ALICE, eof=True)
     err = info.value
-    assert err.pg_sqlstate == "08P01"
+    assert sqlstate(err.reason) == "08P01"
     assert err.wire_text().isascii()
 
 
@@ -421,7 +425,7 @@ def _run_fuzz(data: bytes, cuts: list[int], eof: bool) -> None:
     except AppProtocolError as err:
         error = err
     if error is not None:
-        assert error.pg_sqlstate == "08P01"
+        assert sqlstate(error.reason) == "08P01"
         assert error.wire_text().isascii()
     assert terminal <= 1
 
@@ -451,10 +455,10 @@ def test_fuzz_structured(pieces: list[bytes], cuts: list[int], eof: bool, flip: 
 
 def test_upstream_s_is_tls() -> None:
     neg = UpstreamNegotiation()
-    assert neg.result() is None
+    assert neg.next_event() == NeedData()
     neg.receive_data(b"S")
-    assert neg.result() == "tls"
-    assert neg.result() == "tls"
+    assert neg.next_event() == TLSAccepted()
+    assert neg.next_event() == TLSAccepted()
 
 
 def test_upstream_s_plus_extra_is_mitm() -> None:
@@ -463,24 +467,24 @@ def test_upstream_s_plus_extra_is_mitm() -> None:
     neg.receive_data(b"SE\0\0\0\x05x")
     expected = r"unencrypted data after its SSL response \(possible man-in-the-middle\)"
     with pytest.raises(UpstreamProtocolError, match=expected):
-        neg.result()
+        neg.next_event()
 
 
 def test_upstream_extra_bytes_found_later_still_abort() -> None:
     neg = UpstreamNegotiation()
     for b in b"S":
         neg.receive_data(bytes([b]))
-    assert neg.result() == "tls"
+    assert neg.next_event() == TLSAccepted()
     neg.receive_data(b"x")  # e.g. found buffered after the handshake
     with pytest.raises(UpstreamProtocolError, match="man-in-the-middle"):
-        neg.result()
+        neg.next_event()
 
 
 def test_upstream_byte_at_a_time_decides_on_first_byte() -> None:
     neg = UpstreamNegotiation()
     neg.receive_data(b"N")
     with pytest.raises(TLSRefused, match=r"server refused TLS \(answered N to SSLRequest\)"):
-        neg.result()
+        neg.next_event()
 
 
 def test_upstream_error_text_is_never_shown() -> None:
@@ -488,7 +492,7 @@ def test_upstream_error_text_is_never_shown() -> None:
     neg = UpstreamNegotiation()
     neg.receive_data(b"E" + struct.pack("!I", 4 + len(secret) + 2) + b"M" + secret + b"\0\0")
     with pytest.raises((UpstreamProtocolError, TLSRefused)) as info:
-        neg.result()
+        neg.next_event()
     text = info.value.wire_text() + (info.value.wire_hint() or "")
     assert "error" in text
     assert "SSL exchange" in text
@@ -500,14 +504,14 @@ def test_upstream_garbage(first: bytes) -> None:
     neg = UpstreamNegotiation()
     neg.receive_data(first)
     with pytest.raises(UpstreamProtocolError, match="invalid response to SSLRequest"):
-        neg.result()
+        neg.next_event()
 
 
 def test_upstream_eof() -> None:
     neg = UpstreamNegotiation()
     neg.receive_data(b"")
     with pytest.raises(UpstreamProtocolError, match="server closed the connection during SSL negotiation"):
-        neg.result()
+        neg.next_event()
 
 
 def test_upstream_buffer_is_bounded() -> None:
@@ -516,7 +520,7 @@ def test_upstream_buffer_is_bounded() -> None:
         neg.receive_data(b"S" * 1000)
     assert len(neg._buf) < 64
     with pytest.raises(UpstreamProtocolError):
-        neg.result()
+        neg.next_event()
 
 
 # --- error_response -------------------------------------------------------------------------------------
@@ -549,9 +553,18 @@ def test_error_response_without_hint_with_detail_and_hostile_text() -> None:
     assert list(fields) == ["S", "V", "C", "M", "D"]
 
 
-@pytest.mark.parametrize("cls", [IdentityError, TLSRefused, UpstreamProtocolError, AppProtocolError])
-def test_error_response_sqlstates(cls: type[DbmtlsError]) -> None:
-    assert parse_error_response(error_response(cls("x")))["C"] == cls.pg_sqlstate
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (IdentityError, "28000"),
+        (TLSRefused, "08006"),
+        (UpstreamProtocolError, "08006"),
+        (AppProtocolError, "08P01"),
+        (UpstreamUnreachable, "08001"),
+    ],
+)
+def test_error_response_sqlstates(cls: type[DbmtlsError], code: str) -> None:
+    assert parse_error_response(error_response(cls("x")))["C"] == code
 
 
 # --- BackendKeyData / BackendScanner ----------------------------------------------------------------------
@@ -588,6 +601,13 @@ def startup_stream(key: bytes = b"\x00\x01\x02\x03") -> bytes:
     )
 
 
+def events(scanner: BackendScanner) -> list[object]:
+    out: list[object] = []
+    while not isinstance(event := scanner.next_event(), NeedData):
+        out.append(event)
+    return out
+
+
 @pytest.mark.parametrize("key", [b"\x00\x01\x02\x03", bytes(range(32)), b"\xff" * 256])
 @pytest.mark.parametrize("step", [None, 1, 2, 3, 7])
 def test_backend_scanner(key: bytes, step: int | None) -> None:
@@ -595,9 +615,9 @@ def test_backend_scanner(key: bytes, step: int | None) -> None:
     scanner = BackendScanner()
     size = step or len(stream)
     for i in range(0, len(stream), size):
-        scanner.feed(stream[i : i + size])
+        scanner.receive_data(stream[i : i + size])
     assert scanner.done
-    assert scanner.key == (31337, key)
+    assert events(scanner) == [BackendKey(31337, key), StartupDone()]
     assert scanner.auth_ok
     assert not scanner.auth_error
     # bounded: nothing more than a 'K' is ever retained
@@ -607,27 +627,28 @@ def test_backend_scanner(key: bytes, step: int | None) -> None:
 
 def test_backend_scanner_done_is_sticky_and_cheap() -> None:
     scanner = BackendScanner()
-    scanner.feed(AUTH_OK + msg(b"Z", b"I"))
+    scanner.receive_data(AUTH_OK + msg(b"Z", b"I"))
     assert scanner.done
-    assert scanner.key is None
-    scanner.feed(b"\0" * 1_000_000)  # garbage after Z is the relay's business, not ours
+    assert events(scanner) == [StartupDone()]
+    scanner.receive_data(b"\0" * 1_000_000)  # garbage after Z is the relay's business, not ours
     assert scanner.done
+    assert events(scanner) == []
 
 
 def test_backend_scanner_auth_error() -> None:
     scanner = BackendScanner()
-    scanner.feed(SASL + msg(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"))
+    scanner.receive_data(SASL + msg(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"))
     assert scanner.auth_error
     assert not scanner.done
     assert not scanner.auth_ok
     late = BackendScanner()
-    late.feed(AUTH_OK + msg(b"E", b"SFATAL\0C53300\0Mtoo many clients\0\0"))
+    late.receive_data(AUTH_OK + msg(b"E", b"SFATAL\0C53300\0Mtoo many clients\0\0"))
     assert not late.auth_error
 
 
 def test_backend_scanner_negotiate_version_and_notice() -> None:
     scanner = BackendScanner()
-    scanner.feed(msg(b"v", struct.pack("!II", 2, 1) + b"_pq_.x\0") + msg(b"N", b"SWARNING\0\0") + AUTH_OK)
+    scanner.receive_data(msg(b"v", struct.pack("!II", 2, 1) + b"_pq_.x\0") + msg(b"N", b"SWARNING\0\0") + AUTH_OK)
     assert scanner.auth_ok
     assert not scanner.done
 
@@ -643,7 +664,7 @@ def test_backend_scanner_negotiate_version_and_notice() -> None:
 )
 def test_backend_scanner_broken_framing(stream: bytes, match: str) -> None:
     with pytest.raises(UpstreamProtocolError, match=match):
-        BackendScanner().feed(stream)
+        BackendScanner().receive_data(stream)
 
 
 # --- strip_scram_plus -------------------------------------------------------------------------------------

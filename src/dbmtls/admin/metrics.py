@@ -21,25 +21,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dbmtls import __version__
+from dbmtls.errors import CONNECTION_FAILURES, Reason
 from dbmtls.proxy.runtime import DURATION_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from dbmtls.app import App
 
-# Every failure reason the error tree can produce, so dashboards see zeros, not gaps.
-FAILURE_REASONS = (
-    "unknown_ca",
-    "name_mismatch",
-    "expired",
-    "client_cert_rejected",
-    "server_refused_tls",
-    "timeout",
-    "connection_refused",
-    "handshake_failed",
-    "upstream_protocol",
-    "no_certificate_for_user",
-    "upstream",
-)
+# Every failure reason a connection can end with, so dashboards see zeros, not gaps
+# (protocol violations by the app have their own metric).
+FAILURE_REASONS = tuple(r for r in CONNECTION_FAILURES if r is not Reason.APP_PROTOCOL)
 
 
 def _histogram(name: str, doc: str, per_db: Iterable[tuple[str, Histogram]]) -> HistogramMetricFamily:
@@ -97,7 +87,7 @@ class DbmtlsCollector(Collector):
             nbytes.add_metric([rt.name, "app_to_upstream"], s.bytes_from_app + live_in)
             nbytes.add_metric([rt.name, "upstream_to_app"], s.bytes_from_upstream + live_out)
             for reason in sorted(set(FAILURE_REASONS) | set(s.handshake_failures)):
-                failures.add_metric([rt.name, reason], s.handshake_failures.get(reason, 0))
+                failures.add_metric([rt.name, reason.value], s.handshake_failures.get(reason, 0))
             app_errors.add_metric([rt.name], s.app_protocol_errors)
             reloads.add_metric([rt.name, "success"], s.reloads_ok)
             reloads.add_metric([rt.name, "failure"], s.reloads_failed)

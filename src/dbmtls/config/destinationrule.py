@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dbmtls.config.model import DEFAULT_PORTS, PORT_PROTOCOLS, PROTOCOLS
 from dbmtls.errors import ConfigError
+from dbmtls.protocols.registry import REGISTRY
 
 API_VERSIONS = ("networking.istio.io/v1alpha3", "networking.istio.io/v1beta1", "networking.istio.io/v1")
 ANNOTATION_PROTOCOL = "dbmtls.io/protocol"
@@ -93,25 +93,23 @@ def _map_tls(tls: Any, source: str, path: str) -> dict[str, Any]:
 def _protocol_for(port: int | None, host: str, annotations: dict[str, Any], source: str) -> str:
     explicit = annotations.get(ANNOTATION_PROTOCOL)
     if explicit is not None:
-        if explicit not in PROTOCOLS:
+        spec = REGISTRY.find(str(explicit))
+        if spec is None:
             raise _err(
                 source,
                 f"metadata.annotations.{ANNOTATION_PROTOCOL}",
-                f"unknown protocol {explicit!r}; one of {', '.join(PROTOCOLS)}",
+                f"unknown protocol {explicit!r}; one of {', '.join(REGISTRY.names)}",
             )
-        return str(explicit)
-    if port is not None and port in PORT_PROTOCOLS:
-        return PORT_PROTOCOLS[port]
-    words = host.split(".")[0].split("-")
-    for word in words:
-        if word in PROTOCOLS and word != "tcp":
-            return word
+        return spec.name
+    spec = (REGISTRY.by_port(port) if port is not None else None) or REGISTRY.named_in_host(host)
+    if spec is not None:
+        return spec.name
     raise _err(
         source,
         "metadata.annotations",
         f"cannot tell the protocol of {host}"
         + (f" port {port}" if port else "")
-        + f": add the annotation {ANNOTATION_PROTOCOL}: <{'|'.join(PROTOCOLS)}>",
+        + f": add the annotation {ANNOTATION_PROTOCOL}: <{'|'.join(REGISTRY.names)}>",
     )
 
 
@@ -166,7 +164,7 @@ def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[st
     for port, tls, tls_path in targets:
         protocol = _protocol_for(port, host, annotations, source)
         if port is None:
-            port = DEFAULT_PORTS.get(protocol)
+            port = REGISTRY.get(protocol).default_port
             if port is None:
                 raise _err(
                     source, "spec.trafficPolicy", f"protocol {protocol} has no default port: use portLevelSettings"

@@ -15,26 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-PROTOCOLS = ("redis", "mongodb", "tcp", "postgres", "cockroachdb", "mysql", "mariadb")
-Protocol = Literal["redis", "mongodb", "tcp", "postgres", "cockroachdb", "mysql", "mariadb"]
-
-DEFAULT_PORTS: dict[str, int] = {
-    "redis": 6379,
-    "mongodb": 27017,
-    "postgres": 5432,
-    "cockroachdb": 26257,
-    "mysql": 3306,
-    "mariadb": 3306,
-}
-# Well-known port -> protocol, for DestinationRules without a dbmtls.io/protocol annotation.
-# 3306 maps to "mysql": the MySQL and MariaDB handshakes are the same code path.
-PORT_PROTOCOLS: dict[int, str] = {
-    6379: "redis",
-    27017: "mongodb",
-    5432: "postgres",
-    26257: "cockroachdb",
-    3306: "mysql",
-}
+from dbmtls.protocols.registry import REGISTRY
+from dbmtls.protocols.spec import ProtocolSpec
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -165,7 +147,7 @@ class TLSSettings(_Model):
 
 class DatabaseConfig(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    protocol: Protocol
+    protocol: str  # a name (or alias) in dbmtls.protocols.registry; stored as the canonical name
     listen: str
     address: str
     tls: TLSSettings = TLSSettings()
@@ -179,6 +161,14 @@ class DatabaseConfig(_Model):
     # Where a DestinationRule or an override asked to dial somewhere other than the
     # verified name: the TLS names stay those of ``address``.
     dial: str | None = None
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        spec = REGISTRY.find(v)
+        if spec is None:
+            raise ValueError(f"unknown protocol {v!r}; one of {', '.join(REGISTRY.names)}")
+        return spec.name
 
     @field_validator("listen")
     @classmethod
@@ -207,16 +197,20 @@ class DatabaseConfig(_Model):
                     f"listen {self.listen} is not loopback: the app side is plaintext; "
                     "set allowRemoteClients: true to open it up on purpose",
                 )
-        if self.directTls and self.protocol not in ("postgres", "cockroachdb"):
+        if self.directTls and not self.spec.direct_tls_option:
             raise FieldError("directTls", "directTls applies to postgres only (PostgreSQL 17+ direct TLS)")
-        if self.tls.userCertificates and self.protocol not in ("postgres", "cockroachdb", "mysql", "mariadb"):
+        if self.tls.userCertificates and not self.spec.user_before_tls:
             raise FieldError("tls.userCertificates", "needs a protocol that names the user before TLS")
         return self
 
     @property
+    def spec(self) -> ProtocolSpec:
+        return REGISTRY.get(self.protocol)
+
+    @property
     def upstream(self) -> tuple[str, int]:
         """(host, port) whose name the server certificate must carry."""
-        return split_host_port(self.address, DEFAULT_PORTS.get(self.protocol))
+        return split_host_port(self.address, self.spec.default_port)
 
     @property
     def dial_target(self) -> tuple[str, int]:

@@ -37,7 +37,7 @@ Anything else gets no reply (``None``) and the caller closes the connection:
 - an ``OP_MSG`` with ``moreToCome``: the sender expects no reply, and one would be read
   as the answer to its next request.
 
-:class:`ErrorResponder` combines the two for a session: feed it the app's bytes, write
+:class:`ErrorAnswers` combines the two for a session: feed it the app's bytes, write
 the replies it returns, close once ``broken`` (or when the session's time is up).
 
 The reply document is BSON written by hand (double ``0x01``, string ``0x02``, int32
@@ -49,8 +49,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-from dbmtls.errors import DbmtlsError
+from dbmtls.errors import DbmtlsError, Reason
+from dbmtls.protocols.spec import ProtocolSpec
 
 OP_REPLY = 1
 OP_QUERY = 2004
@@ -64,7 +66,6 @@ MAX_MESSAGE_SIZE = 48 * 1024 * 1024
 # OP_MSG flagBits: bits 0-15 are "required" (an unknown one must make the receiver fail).
 MSG_CHECKSUM_PRESENT = 1 << 0
 MSG_MORE_TO_COME = 1 << 1
-MSG_EXHAUST_ALLOWED = 1 << 16
 _MSG_KNOWN_REQUIRED = MSG_CHECKSUM_PRESENT | MSG_MORE_TO_COME
 
 _HEADER = struct.Struct("<iiii")
@@ -214,7 +215,22 @@ def _check_op_query(body: bytes) -> None:
         raise MongoProtocolError("trailing bytes after the OP_QUERY documents")
 
 
-# --- replies ------------------------------------------------------------------------
+# --- replies (docs/protocols/mongodb.md#errors) ---------------------------------------
+
+# MongoDB server error codes (error_codes.yml) for each failure reason.
+HOST_UNREACHABLE: Final = (6, "HostUnreachable")
+BAD_VALUE: Final = (2, "BadValue")
+AUTHENTICATION_FAILED: Final = (18, "AuthenticationFailed")
+_ERROR_CODES: Final[dict[Reason, tuple[int, str]]] = {
+    Reason.APP_PROTOCOL: BAD_VALUE,
+    Reason.NO_CERTIFICATE_FOR_USER: AUTHENTICATION_FAILED,
+    Reason.CLIENT_CERT_REJECTED: AUTHENTICATION_FAILED,
+}
+
+
+def error_code(reason: Reason) -> tuple[int, str]:
+    """(code, codeName) for a failure reason."""
+    return _ERROR_CODES.get(reason, HOST_UNREACHABLE)
 
 
 def _bson_cstring(s: str) -> bytes:
@@ -232,11 +248,12 @@ def error_document(err: DbmtlsError) -> bytes:
     hint = err.wire_hint()
     if hint:
         text = f"{text} (hint: {hint})"
+    code, code_name = error_code(err.reason)
     elements = (
         b"\x01" + _bson_cstring("ok") + struct.pack("<d", 0.0),
         _bson_string("errmsg", text),
-        b"\x10" + _bson_cstring("code") + _I32.pack(err.mongo_code),
-        _bson_string("codeName", err.mongo_codename),
+        b"\x10" + _bson_cstring("code") + _I32.pack(code),
+        _bson_string("codeName", code_name),
     )
     content = b"".join(elements)
     return _I32.pack(4 + len(content) + 1) + content + b"\x00"
@@ -263,8 +280,8 @@ def error_reply(message: Message, err: DbmtlsError, request_id: int) -> bytes | 
     return header + payload
 
 
-class ErrorResponder:
-    """Answers every complete request in a stream with ``err``; never raises.
+class ErrorAnswers:
+    """Answers every complete request in a stream with ``err`` (an ``ErrorAnswerer``); never raises.
 
     ``broken`` turns True at the first thing it cannot answer (see the module docstring);
     requests after it are not answered.
@@ -294,3 +311,24 @@ class ErrorResponder:
         if self.broken:
             self._reader = MessageReader()  # drop what it kept: nothing more is read
         return replies
+
+    def unprompted(self) -> bytes | None:
+        # a reply must carry the request's requestID in responseTo: nothing to say unasked
+        return None
+
+
+def _wire_code(reason: Reason) -> str:
+    code, name = error_code(reason)
+    return f"{code} {name}"
+
+
+SPEC = ProtocolSpec(
+    name="mongodb",
+    title="MongoDB",
+    aliases=("mongo",),
+    session="dbmtls.proxy.sessions.answering:MongoSession",
+    wire_code=_wire_code,
+    errors="{ok: 0, errmsg, code, codeName} reply (OP_MSG or OP_REPLY) to each request, then close",
+    default_port=27017,
+    well_known_ports=(27017,),
+)

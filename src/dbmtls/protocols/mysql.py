@@ -131,7 +131,18 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from dbmtls.errors import AppProtocolError, DbmtlsError, TLSRefused, UpstreamError, UpstreamProtocolError, sanitize
+from dbmtls.errors import (
+    AppProtocolError,
+    AppTLSError,
+    DbmtlsError,
+    Reason,
+    TLSRefused,
+    UpstreamError,
+    UpstreamProtocolError,
+    sanitize,
+)
+from dbmtls.protocols.events import NeedData
+from dbmtls.protocols.spec import ProtocolSpec
 
 __all__ = [
     "CLIENT_COMPRESS",
@@ -144,20 +155,25 @@ __all__ = [
     "CLIENT_SECURE_CONNECTION",
     "CLIENT_SSL",
     "CLIENT_ZSTD_COMPRESSION_ALGORITHM",
+    "MARIADB",
     "MAX_HANDSHAKE_PACKET",
     "MAX_HANDSHAKE_RESPONSE",
     "MAX_IDLE_BUFFER",
-    "Action",
+    "SPEC",
+    "Event",
     "Fail",
     "Greeting",
     "HandshakeResponse",
     "MySQLHandshake",
+    "MySQLState",
+    "NeedData",
     "NeedUser",
     "Relay",
     "SendToApp",
     "SendToServer",
     "StartTLS",
     "err_packet",
+    "error_code",
     "error_packet",
     "packet",
     "parse_err",
@@ -201,7 +217,7 @@ _PLAINTEXT_HINT: Final = (
 )
 
 
-# --- actions -----------------------------------------------------------------------------------
+# --- events ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -246,7 +262,7 @@ class Fail:
     to_app: bytes
 
 
-Action = SendToApp | SendToServer | StartTLS | NeedUser | Relay | Fail
+Event = SendToApp | SendToServer | StartTLS | NeedUser | Relay | Fail | NeedData
 
 
 # --- packets -----------------------------------------------------------------------------------
@@ -280,7 +296,8 @@ def error_packet(err: DbmtlsError, seq: int, with_state: bool) -> bytes:
     hint = err.wire_hint()
     if hint:
         text = f"{text} (hint: {hint})"
-    return err_packet(err.mysql_errno, err.mysql_sqlstate, text, seq, with_state)
+    errno, state = error_code(err.reason)
+    return err_packet(errno, state, text, seq, with_state)
 
 
 def parse_err(payload: bytes) -> tuple[int, str | None, str]:
@@ -570,7 +587,7 @@ def _xor(data: bytes, scramble: bytes) -> bytes:
 # --- the machine -------------------------------------------------------------------------------
 
 
-class _State(enum.Enum):
+class MySQLState(enum.Enum):
     GREETING = enum.auto()
     APP_RESPONSE = enum.auto()
     NEED_USER = enum.auto()
@@ -588,8 +605,8 @@ class MySQLHandshake:
         self._rsa_key = rsa_key
         # The dbmtls database name, put into the errors the machine makes (``[name]`` in the text).
         self._database = database
-        self._state = _State.GREETING
-        self._actions: deque[Action] = deque()
+        self._state = MySQLState.GREETING
+        self._events: deque[Event] = deque()
         self._server_buf = bytearray()
         self._app_buf = bytearray()
         self._up_next = 0
@@ -609,53 +626,53 @@ class MySQLHandshake:
     # --- observation ---
 
     @property
-    def state(self) -> str:
-        return self._state.name
+    def state(self) -> MySQLState:
+        return self._state
 
     @property
     def buffered(self) -> int:
         """Bytes held in the machine's buffers (both sides); bounded, see the module doc."""
         return len(self._server_buf) + len(self._app_buf)
 
-    def next_action(self) -> Action | None:
-        return self._actions.popleft() if self._actions else None
+    def next_event(self) -> Event:
+        return self._events.popleft() if self._events else NeedData()
 
     # --- inputs ---
 
-    def server_data(self, data: bytes) -> None:
-        if self._state is _State.DONE:
+    def receive_server_data(self, data: bytes) -> None:
+        if self._state is MySQLState.DONE:
             raise RuntimeError("the handshake is over: relay server bytes directly")
-        if self._state is _State.FAILED:
+        if self._state is MySQLState.FAILED:
             return
         try:
             self._on_server_data(data)
         except DbmtlsError as err:
-            self._fail(err, self._err_for_app(err))
+            self._fail(err)
 
-    def app_data(self, data: bytes) -> None:
-        if self._state is _State.DONE:
+    def receive_app_data(self, data: bytes) -> None:
+        if self._state is MySQLState.DONE:
             raise RuntimeError("the handshake is over: relay app bytes directly")
-        if self._state is _State.FAILED:
+        if self._state is MySQLState.FAILED:
             return
         try:
             self._on_app_data(data)
         except DbmtlsError as err:
-            self._fail(err, self._err_for_app(err))
+            self._fail(err)
 
     def proceed(self) -> None:
-        if self._state is _State.FAILED:
+        if self._state is MySQLState.FAILED:
             return
-        if self._state is not _State.NEED_USER or self.response is None:
+        if self._state is not MySQLState.NEED_USER or self.response is None:
             raise RuntimeError(f"proceed() is only valid after NeedUser (state {self._state.name})")
         self._up_next = 1
         self._to_server(self.response.ssl_request())
-        self._actions.append(StartTLS())
-        self._state = _State.TLS
+        self._events.append(StartTLS())
+        self._state = MySQLState.TLS
 
     def tls_established(self) -> None:
-        if self._state is _State.FAILED:
+        if self._state is MySQLState.FAILED:
             return
-        if self._state is not _State.TLS or self.response is None:
+        if self._state is not MySQLState.TLS or self.response is None:
             raise RuntimeError(f"tls_established() is only valid after StartTLS (state {self._state.name})")
         try:
             if self.plugin == _SHA256 and self.response.auth_response == b"\x01":
@@ -663,31 +680,33 @@ class MySQLHandshake:
                 # HandshakeResponse: answer as the server would (seq 2), and send the
                 # HandshakeResponse upstream once the encrypted password is in.
                 self._send_public_key()
-                self._state = _State.INITIAL_RSA
+                self._state = MySQLState.INITIAL_RSA
             else:
                 self._send_response_upstream(self.response)
             self._pump_app()
             self._check_idle_buffers()
         except DbmtlsError as err:
-            self._fail(err, self._err_for_app(err))
+            self._fail(err)
 
     def fail(self, err: DbmtlsError) -> bytes:
-        if self._state in (_State.DONE, _State.FAILED):
+        if self._state in (MySQLState.DONE, MySQLState.FAILED):
             return b""
-        self._state = _State.FAILED
-        return self._err_for_app(err)
+        self._state = MySQLState.FAILED
+        return self._err_for_app(self._named(err))
 
     # --- internals ---
 
-    def _fail(self, err: DbmtlsError, to_app: bytes) -> None:
-        self._state = _State.FAILED
+    def _named(self, err: DbmtlsError) -> DbmtlsError:
+        return err.with_database(self._database) if self._database is not None else err
+
+    def _fail(self, err: DbmtlsError, to_app: bytes | None = None) -> None:
+        err = self._named(err)
+        self._state = MySQLState.FAILED
         self._server_buf.clear()
         self._app_buf.clear()
-        self._actions.append(Fail(err, to_app))
+        self._events.append(Fail(err, self._err_for_app(err) if to_app is None else to_app))
 
     def _err_for_app(self, err: DbmtlsError) -> bytes:
-        if self._database is not None:
-            err.with_database(self._database)
         if not self._greeting_sent:
             return error_packet(err, 0, with_state=False)
         if self.response is None:
@@ -695,11 +714,11 @@ class MySQLHandshake:
         return error_packet(err, self._app_next, with_state=True)
 
     def _to_server(self, payload: bytes) -> None:
-        self._actions.append(SendToServer(packet(payload, self._up_next)))
+        self._events.append(SendToServer(packet(payload, self._up_next)))
         self._up_next = (self._up_next + 1) & 0xFF
 
     def _to_app(self, payload: bytes) -> None:
-        self._actions.append(SendToApp(packet(payload, self._app_next)))
+        self._events.append(SendToApp(packet(payload, self._app_next)))
         self._app_next = (self._app_next + 1) & 0xFF
 
     @staticmethod
@@ -721,7 +740,10 @@ class MySQLHandshake:
     def _check_idle_buffers(self) -> None:
         # A side that should be silent may not pile up more than MAX_IDLE_BUFFER bytes; a side being
         # parsed holds at most one incomplete packet whose header was checked already.
-        if self._state in (_State.GREETING, _State.NEED_USER, _State.TLS) and len(self._app_buf) > MAX_IDLE_BUFFER:
+        if (
+            self._state in (MySQLState.GREETING, MySQLState.NEED_USER, MySQLState.TLS)
+            and len(self._app_buf) > MAX_IDLE_BUFFER
+        ):
             raise AppProtocolError(
                 f"the application sent more than {MAX_IDLE_BUFFER} bytes without waiting for the server"
             )
@@ -730,18 +752,18 @@ class MySQLHandshake:
         state = self._state
         if not data:
             where = {
-                _State.GREETING: "before sending its greeting",
-                _State.INITIAL_RSA: "during the TLS setup",
-                _State.TLS: "during the TLS setup",
+                MySQLState.GREETING: "before sending its greeting",
+                MySQLState.INITIAL_RSA: "during the TLS setup",
+                MySQLState.TLS: "during the TLS setup",
             }.get(state, "during authentication")
             raise UpstreamProtocolError(f"the server closed the connection {where}")
-        if state is _State.GREETING:
+        if state is MySQLState.GREETING:
             self._server_buf += data
             self._on_greeting()
-        elif state is _State.AUTH:
+        elif state is MySQLState.AUTH:
             self._server_buf += data
             self._pump_server()
-        elif state in (_State.APP_RESPONSE, _State.NEED_USER, _State.TLS):
+        elif state in (MySQLState.APP_RESPONSE, MySQLState.NEED_USER, MySQLState.TLS):
             raise UpstreamProtocolError(
                 f"the server sent {len(data)} unexpected plaintext bytes before the TLS handshake "
                 "(possible injection by a man in the middle); closing"
@@ -779,13 +801,13 @@ class MySQLHandshake:
         self._app_next = 0
         self._to_app(greeting.for_app())
         self._greeting_sent = True
-        self._state = _State.APP_RESPONSE
+        self._state = MySQLState.APP_RESPONSE
         self._on_app_response()
 
     def _on_app_data(self, data: bytes) -> None:
         if not data:
             # Nobody is left to read an ERR packet.
-            if self._state is _State.APP_RESPONSE and not self._app_buf:
+            if self._state is MySQLState.APP_RESPONSE and not self._app_buf:
                 err = AppProtocolError(
                     "the application closed the connection after the greeting "
                     "(does it require TLS, e.g. ssl-mode=REQUIRED?)",
@@ -796,16 +818,16 @@ class MySQLHandshake:
             self._fail(err, b"")
             return
         self._app_buf += data
-        if self._state is _State.APP_RESPONSE:
+        if self._state is MySQLState.APP_RESPONSE:
             self._on_app_response()
-        elif self._state in (_State.AUTH, _State.INITIAL_RSA):
+        elif self._state in (MySQLState.AUTH, MySQLState.INITIAL_RSA):
             self._pump_app()
         self._check_idle_buffers()
 
     def _on_app_response(self) -> None:
         buf = self._app_buf
         if len(buf) >= 2 and buf[0] == _TLS_HANDSHAKE_RECORD and buf[1] == 0x03:
-            raise AppProtocolError(
+            raise AppTLSError(
                 "the application started a TLS handshake, but dbmtls speaks plaintext MySQL on this port",
                 hint=_PLAINTEXT_HINT,
             )
@@ -826,13 +848,13 @@ class MySQLHandshake:
         self._app_next = 2
         # Without CLIENT_PLUGIN_AUTH the client speaks mysql_native_password.
         self.plugin = response.auth_plugin or _NATIVE
-        self._state = _State.NEED_USER
-        self._actions.append(NeedUser(response.user))
+        self._state = MySQLState.NEED_USER
+        self._events.append(NeedUser(response.user))
 
     def _send_response_upstream(self, response: HandshakeResponse) -> None:
         self._up_next = 2
         self._to_server(response.with_ssl())
-        self._state = _State.AUTH
+        self._state = MySQLState.AUTH
 
     def _send_public_key(self) -> None:
         self._to_app(b"\x01" + _public_pem(self._rsa_key or proxy_rsa_key()))
@@ -857,7 +879,7 @@ class MySQLHandshake:
         return (password[:end] if end >= 0 else password) + b"\x00"
 
     def _pump_app(self) -> None:
-        while self._state in (_State.AUTH, _State.INITIAL_RSA):
+        while self._state in (MySQLState.AUTH, MySQLState.INITIAL_RSA):
             pkt = self._next_packet(self._app_buf, MAX_HANDSHAKE_PACKET, AppProtocolError, "the application")
             if pkt is None:
                 return
@@ -871,7 +893,7 @@ class MySQLHandshake:
             if self._await_rsa:
                 self._await_rsa = False
                 password = self._decrypt_password(payload)
-                if self._state is _State.INITIAL_RSA:
+                if self._state is MySQLState.INITIAL_RSA:
                     assert self.response is not None
                     self._send_response_upstream(self.response.with_auth_response(password))
                 else:
@@ -885,7 +907,7 @@ class MySQLHandshake:
             self._to_server(payload)
 
     def _pump_server(self) -> None:
-        while self._state is _State.AUTH:
+        while self._state is MySQLState.AUTH:
             pkt = self._next_packet(self._server_buf, MAX_HANDSHAKE_PACKET, UpstreamProtocolError, "the server")
             if pkt is None:
                 return
@@ -903,8 +925,8 @@ class MySQLHandshake:
                 to_server = bytes(self._app_buf)
                 self._server_buf.clear()
                 self._app_buf.clear()
-                self._state = _State.DONE
-                self._actions.append(Relay(to_app=to_app, to_server=to_server))
+                self._state = MySQLState.DONE
+                self._events.append(Relay(to_app=to_app, to_server=to_server))
                 return
             if kind == 0xFF:
                 errno, sqlstate, message = parse_err(payload)
@@ -934,3 +956,37 @@ class MySQLHandshake:
         if data:
             self._scramble = data[:_SCRAMBLE_LENGTH]
         self._key_request = b"\x01" if self.plugin == _SHA256 else None
+
+
+# --- errors toward the app (docs/protocols/mysql.md#errors) ------------------------------------
+
+ER_HANDSHAKE_ERROR: Final = (1043, "08S01")
+ER_ACCESS_DENIED_ERROR: Final = (1045, "28000")
+_ERROR_CODES: Final[dict[Reason, tuple[int, str]]] = {
+    Reason.NO_CERTIFICATE_FOR_USER: ER_ACCESS_DENIED_ERROR,
+    Reason.CLIENT_CERT_REJECTED: ER_ACCESS_DENIED_ERROR,
+}
+
+
+def error_code(reason: Reason) -> tuple[int, str]:
+    """(errno, SQLSTATE) for a failure reason."""
+    return _ERROR_CODES.get(reason, ER_HANDSHAKE_ERROR)
+
+
+def _wire_code(reason: Reason) -> str:
+    errno, state = error_code(reason)
+    return f"{errno} ({state})"
+
+
+SPEC = ProtocolSpec(
+    name="mysql",
+    title="MySQL",
+    session="dbmtls.proxy.sessions.mysql:MySQLSession",
+    wire_code=_wire_code,
+    errors="ERR packet in the format the app expects at that point of the connection phase",
+    default_port=3306,
+    well_known_ports=(3306,),
+    user_before_tls=True,
+)
+# MariaDB's connection phase is MySQL's (plus extended capabilities, kept byte-exact).
+MARIADB = dataclasses.replace(SPEC, name="mariadb", title="MariaDB", well_known_ports=())

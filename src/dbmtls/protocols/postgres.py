@@ -74,33 +74,54 @@ reply to an SSLRequest -- libpq would not display it, so just close.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
-from dbmtls.errors import AppProtocolError, DbmtlsError, TLSRefused, UpstreamProtocolError, sanitize
+from dbmtls.errors import (
+    AppProtocolError,
+    AppTLSError,
+    DbmtlsError,
+    Reason,
+    TLSRefused,
+    UpstreamProtocolError,
+    sanitize,
+)
+from dbmtls.protocols.events import NeedData
+from dbmtls.protocols.spec import ProtocolSpec
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
+    "COCKROACHDB",
     "GSSENC_REQUEST",
     "GSSENC_REQUEST_CODE",
     "MAX_CANCEL_KEY",
     "MAX_STARTUP",
     "MIN_CANCEL_KEY",
+    "SPEC",
     "SSL_REQUEST",
     "SSL_REQUEST_CODE",
     "AppClosed",
     "AppEvent",
     "AppHandshake",
+    "BackendKey",
     "BackendScanner",
     "CancelRequest",
+    "FirstReply",
+    "FirstReplyDone",
     "NeedData",
     "Reply",
     "Startup",
+    "StartupDone",
+    "TLSAccepted",
     "UpstreamNegotiation",
     "encode_startup",
     "error_response",
     "parse_backend_key_data",
+    "sqlstate",
     "strip_scram_plus",
 ]
 
@@ -173,11 +194,6 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class NeedData:
-    """Nothing complete yet: call ``receive_data`` with more bytes (or ``b""`` at EOF)."""
-
-
-@dataclass(frozen=True)
 class AppClosed:
     """The app closed the connection cleanly between packets (e.g. sslmode=require after 'N')."""
 
@@ -185,7 +201,15 @@ class AppClosed:
 AppEvent = Startup | CancelRequest | Reply | NeedData | AppClosed
 
 
-# --- the app side: dbmtls as server (protocols.md 1.3) -----------------------------------
+# --- the app side: dbmtls as server (docs/protocols/postgres.md) --------------------------
+
+
+class AppState(enum.Enum):
+    READING = enum.auto()  # SSLRequest / GSSENCRequest answered, waiting for the startup packet
+    STARTED = enum.auto()  # a StartupMessage was parsed; later bytes are trailing data
+    CANCEL = enum.auto()  # a CancelRequest was parsed; nothing else may follow
+    CLOSED = enum.auto()  # the app closed cleanly between packets
+    ERROR = enum.auto()  # an AppProtocolError was raised; it is raised again on every call
 
 
 class AppHandshake:
@@ -201,8 +225,12 @@ class AppHandshake:
         self._eof = False
         self._ssl_requests = 0
         self._gss_requests = 0
-        self._state: Literal["reading", "started", "cancel", "closed", "error"] = "reading"
+        self._state = AppState.READING
         self._error: AppProtocolError | None = None
+
+    @property
+    def state(self) -> AppState:
+        return self._state
 
     @property
     def trailing_data(self) -> bytes:
@@ -211,7 +239,7 @@ class AppHandshake:
         Only meaningful after ``next_event`` returned ``Startup``.  Keeps growing if more data is
         fed afterwards: the glue should stop reading from the app until upstream TLS is up.
         """
-        return bytes(self._buf) if self._state == "started" else b""
+        return bytes(self._buf) if self._state is AppState.STARTED else b""
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the app; ``b""`` means the app closed its side (EOF)."""
@@ -225,32 +253,32 @@ class AppHandshake:
             self._eof = True
 
     def next_event(self) -> AppEvent:
-        if self._state == "error":
+        if self._state is AppState.ERROR:
             assert self._error is not None
             raise self._error
         try:
             return self._next_event()
         except AppProtocolError as err:
-            self._state = "error"
+            self._state = AppState.ERROR
             self._error = err
             raise
 
     def _next_event(self) -> AppEvent:
         buf = self._buf
-        if self._state == "started":
+        if self._state is AppState.STARTED:
             # Handshake over: everything further is trailing data for the glue to forward.
             return AppClosed() if self._eof else NeedData()
-        if self._state == "cancel":
+        if self._state is AppState.CANCEL:
             # A cancel connection carries exactly one packet; the server closes after it.
             if buf:
                 raise AppProtocolError("unexpected data after a CancelRequest")
             return AppClosed() if self._eof else NeedData()
-        if self._state == "closed":
+        if self._state is AppState.CLOSED:
             return AppClosed()
 
         if not buf:
             if self._eof:
-                self._state = "closed"
+                self._state = AppState.CLOSED
                 return AppClosed()
             return NeedData()
 
@@ -258,7 +286,7 @@ class AppHandshake:
         if buf[0] == _TLS_HANDSHAKE_RECORD:
             # 16 03 xx ... can never be a startup length (> 10000): it is a TLS ClientHello, i.e. the
             # app uses sslnegotiation=direct (or sslmode=require with a TLS-terminating proxy in mind).
-            raise AppProtocolError(
+            raise AppTLSError(
                 "the application started a TLS handshake (direct TLS / sslnegotiation=direct), "
                 "but dbmtls expects plaintext PostgreSQL on this port",
                 hint=_DIRECT_TLS_HINT,
@@ -305,7 +333,7 @@ class AppHandshake:
                 )
             if buf:
                 raise AppProtocolError("unexpected data after a CancelRequest")
-            self._state = "cancel"
+            self._state = AppState.CANCEL
             return CancelRequest(raw=packet, pid=int.from_bytes(packet[8:12], "big"), key=key)
 
         major, minor = code >> 16, code & 0xFFFF
@@ -317,7 +345,7 @@ class AppHandshake:
                 hint="use a client library that speaks PostgreSQL protocol version 3",
             )
         params = _parse_startup_params(packet[8:])
-        self._state = "started"
+        self._state = AppState.STARTED
         return Startup(raw=packet, version=(major, minor), params=params)
 
     def _need_more(self) -> NeedData:
@@ -386,12 +414,17 @@ def encode_startup(version: tuple[int, int], params: Mapping[str, str]) -> bytes
 # --- the upstream side: dbmtls as client (protocols.md 1.2, 1.4) -------------------------
 
 
-class UpstreamNegotiation:
-    """Proxy as the CLIENT toward the server (protocols.md 1.4): after sending ``SSL_REQUEST``.
+@dataclass(frozen=True)
+class TLSAccepted:
+    """The server answered exactly ``S``: start the TLS handshake on the same connection."""
 
-    ``result()`` is ``None`` until a byte arrived, ``"tls"`` for exactly ``b"S"``, and raises
-    otherwise.  It re-checks the whole buffer on every call, so the glue can feed bytes found
-    buffered after the handshake (libpq's second check) and call it again.
+
+class UpstreamNegotiation:
+    """Proxy as the CLIENT toward the server, after it wrote ``SSL_REQUEST``.
+
+    ``next_event()`` is ``NeedData`` until a byte arrived, ``TLSAccepted`` for exactly ``b"S"``,
+    and raises otherwise.  It re-checks the whole buffer on every call, so the glue can feed
+    bytes found buffered after the handshake (libpq's second check) and ask again.
     """
 
     def __init__(self) -> None:
@@ -406,12 +439,12 @@ class UpstreamNegotiation:
         else:
             self._eof = True
 
-    def result(self) -> Literal["tls"] | None:
+    def next_event(self) -> TLSAccepted | NeedData:
         buf = self._buf
         if not buf:
             if self._eof:
                 raise UpstreamProtocolError("server closed the connection during SSL negotiation")
-            return None
+            return NeedData()
         first = buf[0]
         if first == ord("S"):
             if len(buf) > 1:
@@ -421,7 +454,7 @@ class UpstreamNegotiation:
                     "server sent unencrypted data after its SSL response (possible man-in-the-middle)",
                     hint="something between dbmtls and the database is tampering with the connection",
                 )
-            return "tls"
+            return TLSAccepted()
         if first == ord("N"):
             raise TLSRefused(
                 "server refused TLS (answered N to SSLRequest); dbmtls never falls back to plaintext",
@@ -440,7 +473,100 @@ class UpstreamNegotiation:
         )
 
 
-# --- protocol-native errors toward the app (protocols.md 1.7) ----------------------------
+# --- the server's first answer to the StartupMessage ------------------------------------
+
+# The server's first answer to a StartupMessage is small (NegotiateProtocolVersion, an
+# Authentication request or an ErrorResponse); more than this before it is complete is not PostgreSQL.
+FIRST_REPLY_LIMIT: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FirstReplyDone:
+    """What to relay to the app first: up to and including the first Authentication or
+    ErrorResponse (with SCRAM-SHA-256-PLUS removed from an AuthenticationSASL offer)."""
+
+    data: bytes
+
+
+class FirstReply:
+    """Reads the server's first answer to our StartupMessage, up to its first 'R' or 'E'.
+
+    The glue waits for it before relaying, for two reasons: a client certificate the server
+    rejects shows up only now with TLS 1.3 (an alert on the first read), and an
+    AuthenticationSASL offering SCRAM-SHA-256-PLUS must lose the -PLUS mechanism: the app is on
+    plaintext, so channel binding to *our* TLS session cannot work, and libpq refuses a -PLUS
+    offer on a non-SSL connection outright.  Leading messages (NegotiateProtocolVersion) pass.
+
+    ``receive_data(b"")`` is EOF: what arrived so far is relayed as is (the app then sees the
+    close), and EOF before any byte raises: the server hung up without a word.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def received(self) -> bytes:
+        return bytes(self._buf)
+
+    def next_event(self) -> FirstReplyDone | NeedData:
+        buf = self._buf
+        found = _first_auth(buf)
+        if found is not None:
+            start, end = found
+            return FirstReplyDone(bytes(buf[:start]) + strip_scram_plus(bytes(buf[start:end])) + bytes(buf[end:]))
+        if len(buf) > FIRST_REPLY_LIMIT:
+            raise UpstreamProtocolError(f"server sent more than {FIRST_REPLY_LIMIT} bytes without authenticating")
+        if not self._eof:
+            return NeedData()
+        if not buf:
+            raise UpstreamProtocolError(
+                "server closed the connection after the TLS handshake without answering",
+                hint="the server may have rejected the client certificate; see the database server log",
+            )
+        return FirstReplyDone(bytes(buf))  # closed mid-message: relay what there is
+
+
+def _first_auth(buf: bytes | bytearray) -> tuple[int, int] | None:
+    """(start, end) of the first Authentication ('R') or ErrorResponse in ``buf``; None if incomplete."""
+    pos = 0
+    while len(buf) - pos >= 5:
+        length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        if length < 4:
+            raise UpstreamProtocolError(f"server sent a message with invalid length {length} during startup")
+        end = pos + 1 + length
+        if end > len(buf):
+            return None
+        if buf[pos] in b"RE":
+            return pos, end
+        pos = end
+    return None
+
+
+# --- protocol-native errors toward the app (docs/protocols/postgres.md#errors) -----------
+
+# SQLSTATEs (PostgreSQL's errcodes appendix) for each failure reason.
+CONNECTION_FAILURE: Final = "08006"
+PROTOCOL_VIOLATION: Final = "08P01"
+UNABLE_TO_CONNECT: Final = "08001"  # sqlclient_unable_to_establish_sqlconnection
+INVALID_AUTHORIZATION: Final = "28000"  # invalid_authorization_specification
+_SQLSTATES: Final[Mapping[Reason, str]] = {
+    Reason.APP_PROTOCOL: PROTOCOL_VIOLATION,
+    Reason.NO_CERTIFICATE_FOR_USER: INVALID_AUTHORIZATION,
+    Reason.CLIENT_CERT_REJECTED: INVALID_AUTHORIZATION,
+    Reason.CONNECTION_REFUSED: UNABLE_TO_CONNECT,
+    Reason.TIMEOUT: UNABLE_TO_CONNECT,
+}
+
+
+def sqlstate(reason: Reason) -> str:
+    return _SQLSTATES.get(reason, CONNECTION_FAILURE)
 
 
 def _cstr_field(code: bytes, value: str) -> bytes:
@@ -454,7 +580,7 @@ def error_response(err: DbmtlsError, *, severity: str = "FATAL", detail: str | N
     fields = [
         _cstr_field(b"S", severity),
         _cstr_field(b"V", severity),  # non-localized severity (9.6+); ours is never localized
-        _cstr_field(b"C", err.pg_sqlstate),
+        _cstr_field(b"C", sqlstate(err.reason)),
         _cstr_field(b"M", err.wire_text()),
     ]
     if detail:
@@ -488,28 +614,44 @@ def parse_backend_key_data(message: bytes) -> tuple[int, bytes] | None:
 _K_MAX_LENGTH: Final = 4 + 4 + MAX_CANCEL_KEY
 
 
+@dataclass(frozen=True)
+class BackendKey:
+    """BackendKeyData: the (pid, secret key) a later CancelRequest for this session carries."""
+
+    pid: int
+    key: bytes
+
+
+@dataclass(frozen=True)
+class StartupDone:
+    """The first ReadyForQuery: startup is over, nothing more to watch."""
+
+
 class BackendScanner:
     """Watches the server->app byte stream during startup (after TLS, while it is relayed).
 
-    Finds BackendKeyData (``key``; for cancel routing) and the first ReadyForQuery (``done``;
-    startup is over).  Message bodies are skipped by counting, never buffered, except the first
-    4 bytes of 'R' (to see AuthenticationOk) and a 'K' (at most 264 bytes).  Once ``done`` is
-    True, ``feed`` returns immediately.  Raises ``UpstreamProtocolError`` if the framing is broken
-    (length < 4) or a 'K' has an invalid length, since cancel routing would be unreliable.
+    Emits ``BackendKey`` (for cancel routing) and then ``StartupDone`` at the first
+    ReadyForQuery.  Message bodies are skipped by counting, never buffered, except the first 4
+    bytes of 'R' (to see AuthenticationOk) and a 'K' (at most 264 bytes).  Once done, fed bytes
+    are ignored.  Raises ``UpstreamProtocolError`` if the framing is broken (length < 4) or a 'K'
+    has an invalid length, since cancel routing would be unreliable.
     """
 
     def __init__(self) -> None:
         self.done = False
-        self.key: tuple[int, bytes] | None = None
         self.auth_ok = False
         self.auth_error = False
+        self._events: deque[BackendKey | StartupDone] = deque()
         self._header = bytearray()
         self._type = 0
         self._remaining: int | None = None  # body bytes still to come; None = reading a header
         self._keep = 0  # how many body bytes to keep
         self._body = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def next_event(self) -> BackendKey | StartupDone | NeedData:
+        return self._events.popleft() if self._events else NeedData()
+
+    def receive_data(self, data: bytes) -> None:
         if self.done:
             return
         i, n = 0, len(data)
@@ -542,6 +684,7 @@ class BackendScanner:
         if mtype == ord("Z"):
             # The first ReadyForQuery ends startup; its status byte does not matter to us.
             self.done = True
+            self._events.append(StartupDone())
             return
         if mtype == ord("E") and not self.auth_ok:
             self.auth_error = True
@@ -560,7 +703,7 @@ class BackendScanner:
     def _finish_message(self) -> None:
         self._remaining = None
         if self._type == ord("K"):
-            self.key = (int.from_bytes(self._body[0:4], "big"), bytes(self._body[4:]))
+            self._events.append(BackendKey(int.from_bytes(self._body[0:4], "big"), bytes(self._body[4:])))
         elif self._type == ord("R") and self._body == b"\x00\x00\x00\x00":
             self.auth_ok = True  # AuthenticationOk
         self._body.clear()
@@ -596,3 +739,22 @@ def strip_scram_plus(message: bytes) -> bytes:
         return message
     new_body = message[5:9] + b"".join(m + b"\x00" for m in kept) + b"\x00"
     return b"R" + (len(new_body) + 4).to_bytes(4, "big") + new_body
+
+
+SPEC = ProtocolSpec(
+    name="postgres",
+    title="PostgreSQL",
+    aliases=("postgresql",),
+    session="dbmtls.proxy.sessions.postgres:PostgresSession",
+    wire_code=sqlstate,
+    errors="ErrorResponse (FATAL, SQLSTATE) after the StartupMessage; a close before it",
+    default_port=5432,
+    well_known_ports=(5432,),
+    alpn=("postgresql",),
+    user_before_tls=True,
+    direct_tls_option=True,
+)
+# CockroachDB speaks pgwire with the same SSLRequest upgrade, on its own port.
+COCKROACHDB = dataclasses.replace(
+    SPEC, name="cockroachdb", title="CockroachDB", aliases=(), default_port=26257, well_known_ports=(26257,)
+)

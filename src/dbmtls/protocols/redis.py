@@ -12,7 +12,8 @@ commands ended by a newline), bounded in what it keeps.
 
 from __future__ import annotations
 
-from dbmtls.errors import DbmtlsError
+from dbmtls.errors import DbmtlsError, Reason
+from dbmtls.protocols.spec import ProtocolSpec
 
 MAX_LINE = 64 * 1024
 
@@ -81,3 +82,40 @@ class RequestCounter:
                 self._pending_args = n
             elif line.strip():
                 done += 1  # inline command (redis-cli in some modes, telnet)
+
+
+class ErrorAnswers:
+    """Answers every complete request in a stream with one ``-ERR`` reply (an ``ErrorAnswerer``).
+
+    The reply is also what is left in the socket of an app that asked nothing yet: RESP has
+    no request ids, so an unprompted error is read as the answer to the next command.
+    """
+
+    def __init__(self, err: DbmtlsError) -> None:
+        self._counter = RequestCounter()
+        self._reply = error_reply(err)
+
+    @property
+    def broken(self) -> bool:
+        return self._counter.broken
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [self._reply] * self._counter.feed(data)
+
+    def unprompted(self) -> bytes | None:
+        return self._reply
+
+
+def _wire_code(reason: Reason) -> str:
+    return "-ERR"
+
+
+SPEC = ProtocolSpec(
+    name="redis",
+    title="Redis",
+    session="dbmtls.proxy.sessions.answering:RedisSession",
+    wire_code=_wire_code,
+    errors="-ERR reply to each request for a short, bounded time, then close",
+    default_port=6379,
+    well_known_ports=(6379,),
+)

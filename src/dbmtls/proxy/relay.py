@@ -59,6 +59,36 @@ class _Half(asyncio.Protocol):
         self.relay._half_lost(self, exc)
 
 
+class _Tap(asyncio.Protocol):
+    """Stands in front of a half until ``watch`` says it has seen enough, then steps aside.
+
+    Lets a session watch the first chunks of a direction (PostgreSQL: BackendKeyData during
+    startup) and then hand the transport back to the half, so the steady state has no extra
+    call per chunk.
+    """
+
+    def __init__(self, half: _Half, watch: Callable[[bytes], bool]) -> None:
+        self.half = half
+        self.watch = watch
+
+    def data_received(self, data: bytes) -> None:
+        self.half.data_received(data)
+        if self.watch(data):
+            self.half.transport.set_protocol(self.half)
+
+    def eof_received(self) -> bool | None:
+        return self.half.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.half.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.half.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.half.resume_writing()
+
+
 class Relay:
     """Relays between an app transport and an upstream transport until both are closed."""
 
@@ -106,6 +136,15 @@ class Relay:
     @property
     def bytes_from_upstream(self) -> int:
         return self.from_up.nbytes
+
+    def watch_upstream(self, seen: bytes, watch: Callable[[bytes], bool]) -> None:
+        """Call ``watch`` on each server chunk (after relaying it) until it returns True.
+
+        ``seen`` are the server bytes relayed before the relay started (they are watched first).
+        """
+        if watch(seen) or self.up_t.is_closing():
+            return
+        self.up_t.set_protocol(_Tap(self.from_up, watch))
 
     def app_eof_before_start(self) -> None:
         """The app half-closed during the handshake: pass it on now."""

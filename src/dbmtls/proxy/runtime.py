@@ -10,15 +10,18 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dbmtls.config.model import DatabaseConfig
-from dbmtls.errors import DbmtlsError
+from dbmtls.errors import DbmtlsError, Reason
+from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.relay import Relay
 from dbmtls.tls.material import ClientTLS
 
 if TYPE_CHECKING:
-    from dbmtls.proxy.endpoint import Endpoint
-    from dbmtls.proxy.relay import Relay
+    # only for annotations: the notice and the dialer are handed in, never imported at run time
+    from dbmtls.proxy.notice import Notice
+    from dbmtls.proxy.upstream import Dialer
 
 # Histogram buckets (seconds) for upstream connect and TLS handshake durations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -45,18 +48,39 @@ class Stats:
     closed: int = 0
     bytes_from_app: int = 0  # of closed connections; live ones are added at scrape time
     bytes_from_upstream: int = 0
-    handshake_failures: Counter[str] = field(default_factory=Counter)
+    handshake_failures: Counter[Reason] = field(default_factory=Counter)
     app_protocol_errors: int = 0
     connect_seconds: Histogram = field(default_factory=Histogram)
     handshake_seconds: Histogram = field(default_factory=Histogram)
     reloads_ok: int = 0
     reloads_failed: int = 0
 
+    def record_failure(self, err: DbmtlsError) -> None:
+        if err.reason is Reason.APP_PROTOCOL:
+            self.app_protocol_errors += 1
+        else:
+            self.handshake_failures[err.reason] += 1
+
+
+class Session(Protocol):
+    """A protocol's session driver (``ProtocolSpec.session``), one instance per database.
+
+    ``run`` carries one app connection from accept to close.  On failure it raises a
+    ``DbmtlsError`` after setting ``conn.notice`` to say how the app can be told; the
+    proxy then records, logs and tells it, in one place.
+    """
+
+    def __init__(self, rt: DatabaseRuntime) -> None: ...
+
+    async def run(self, conn: Conn) -> None: ...
+
 
 class DatabaseRuntime:
-    def __init__(self, db: DatabaseConfig, alpn: tuple[str, ...] = ()) -> None:
+    def __init__(self, db: DatabaseConfig, dialer: Dialer) -> None:
         self.db = db
-        self.tls = ClientTLS(db, alpn)
+        self.spec = db.spec
+        self.tls = ClientTLS(db, self.spec.alpn)
+        self.dialer = dialer
         self.stats = Stats()
         self.active: set[Conn] = set()
         self.listening = False
@@ -77,7 +101,8 @@ class Conn:
     user: str | None = None
     tls_version: str | None = None
     cipher: str | None = None
-    error: DbmtlsError | None = None
+    error: DbmtlsError | None = None  # set once, by the proxy, from what the session raised
+    notice: Notice | None = None  # how to tell the app about a failure (None: just close)
     relay: Relay | None = None
     upstream: Endpoint | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"

@@ -10,42 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
 
-from dbmtls.config.model import Config, DatabaseConfig, split_host_port
+from dbmtls.config.model import Config, split_host_port
 from dbmtls.errors import ConfigError, DbmtlsError
 from dbmtls.logs import CONN_LOG, LOG
+from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
-from dbmtls.proxy.runtime import Conn, DatabaseRuntime
-from dbmtls.proxy.sessions.direct import mongodb_session, plain_session, redis_session
-from dbmtls.proxy.sessions.mysql import mysql_session
-from dbmtls.proxy.sessions.postgres import postgres_session
-
-Session = Callable[[Conn], Awaitable[None]]
+from dbmtls.proxy.notice import tell_app
+from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
+from dbmtls.proxy.upstream import Dialer
 
 
-# One session per protocol family; anything else (tcp) is an opaque relay.
-SESSIONS: dict[str, Session] = {
-    "redis": redis_session,
-    "mongodb": mongodb_session,
-    "postgres": postgres_session,
-    "cockroachdb": postgres_session,
-    "mysql": mysql_session,
-    "mariadb": mysql_session,
-}
+def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
+    """The session driver ``spec.session`` names (``module:Class``), made for ``rt``.
 
-
-def session_for(protocol: str) -> Session:
-    return SESSIONS.get(protocol, plain_session)
-
-
-def alpn_for(db: DatabaseConfig) -> tuple[str, ...]:
-    # ALPN only where the protocol defines one (protocols.md rule 0.3).
-    return ("postgresql",) if db.protocol in ("postgres", "cockroachdb") else ()
+    A registry entry whose driver does not resolve is a bug of dbmtls: it stops the start
+    with an error naming the entry, never falls back to an opaque relay.
+    """
+    module_name, _, class_name = spec.session.partition(":")
+    try:
+        driver = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"protocol {spec.name!r}: session driver {spec.session!r} not found: {exc}") from exc
+    session: Session = driver(rt)
+    return session
 
 
 class _Accepted(Endpoint):
@@ -69,7 +62,9 @@ def _peer_name(ep: Endpoint) -> str:
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.runtimes = {db.name: DatabaseRuntime(db, alpn_for(db)) for db in config.databases}
+        dialer = Dialer()
+        self.runtimes = {db.name: DatabaseRuntime(db, dialer) for db in config.databases}
+        self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
         self._servers: list[asyncio.Server] = []
         self._unix_bound: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,10 +158,18 @@ class Proxy:
     async def _run(self, conn: Conn) -> None:
         rt = conn.rt
         try:
-            await session_for(rt.db.protocol)(conn)
-        except DbmtlsError as err:
-            conn.error = err.with_database(rt.name)
-            conn.app.close()
+            await self.sessions[rt.name].run(conn)
+        except DbmtlsError as exc:
+            # The one place where a failure is recorded (log line, metric) and told to the app.
+            err = exc.with_database(rt.name)
+            conn.error = err
+            rt.stats.record_failure(err)
+            if conn.upstream is not None:
+                conn.upstream.abort()  # whatever the session had open is useless now
+            try:
+                await tell_app(conn.app, conn.notice, err)
+            except OSError:
+                conn.app.abort()
         except asyncio.CancelledError:
             _abort(conn)
             raise
@@ -178,12 +181,6 @@ class Proxy:
             rt.stats.closed += 1
             rt.stats.bytes_from_app += conn.bytes_from_app
             rt.stats.bytes_from_upstream += conn.bytes_from_upstream
-            if conn.error is not None:
-                reason = conn.error.reason
-                if reason in ("app_protocol",):
-                    rt.stats.app_protocol_errors += 1
-                else:
-                    rt.stats.handshake_failures[reason] += 1
             self._log_close(conn)
 
     def _log_close(self, conn: Conn) -> None:

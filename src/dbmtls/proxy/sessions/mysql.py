@@ -1,9 +1,12 @@
 """The MySQL / MariaDB session: drive ``protocols.mysql.MySQLHandshake`` with two endpoints.
 
+See ``docs/protocols/mysql.md`` for the conversation.
+
 The machine decides everything (what to send, when to start TLS, which error to show); this
 module only moves bytes and awaits.  MySQL's server speaks first, so the upstream connection is
 opened before anything is said to the app; when that fails the app gets an ERR packet in the
-pre-greeting format instead of a bare reset.
+pre-greeting format instead of a bare reset.  The machine knows which ERR format the app expects
+at each point, so the session's notice is always the machine's own ``fail``.
 
 Both endpoints are read at once during the whole connection phase: whose turn it is depends on
 the auth plugin (auth switch, more-data rounds, the local RSA exchange), and an app that hangs up
@@ -21,21 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 
-from dbmtls.errors import DbmtlsError, UpstreamTimeout
+from dbmtls.errors import UpstreamTimeout
 from dbmtls.protocols import mysql
-from dbmtls.proxy import upstream
 from dbmtls.proxy.endpoint import Endpoint
-from dbmtls.proxy.runtime import Conn
-from dbmtls.proxy.sessions.common import classify_late, run_relay
+from dbmtls.proxy.notice import Reply, Said
+from dbmtls.proxy.runtime import Conn, DatabaseRuntime
+from dbmtls.proxy.sessions.common import run_relay
 
 # The whole connection phase (greeting to final OK) may take this many handshakeTimeouts.
 PHASE_TIMEOUT_FACTOR = 3.0
 
 # dbmtls's RSA key for the caching_sha2_password / sha256_password exchange with the app
-# (protocols.md 2.6).  Generating it takes ~100 ms of CPU, so the first MySQL sessions wait for it
-# in a thread (while their upstream connect is under way) instead of blocking the event loop in
-# the middle of someone's login.  The lock makes sure exactly one key is ever made.
+# (docs/protocols/mysql.md).  Generating it takes ~100 ms of CPU, so the first MySQL sessions
+# wait for it in a thread (while their upstream connect is under way) instead of blocking the
+# event loop in the middle of someone's login.  The lock makes sure exactly one key is ever made.
 _key_lock = threading.Lock()
 _key_made = False
 
@@ -77,134 +81,113 @@ class _Reader:
         return task.result()
 
 
-async def mysql_session(conn: Conn) -> None:
-    rt = conn.rt
-    machine = mysql.MySQLHandshake(database=rt.name)
-    key = asyncio.ensure_future(_ensure_rsa_key())  # made while we connect
-    try:
-        up = await upstream.connect(conn)
-    except BaseException as exc:
-        key.cancel()  # the thread finishes on its own; only our wait is dropped
-        if not isinstance(exc, DbmtlsError):
+@dataclass
+class _Phase:
+    """The connection phase in progress: when it started and the reader of each side."""
+
+    started: float
+    app: _Reader
+    up: _Reader
+
+
+class MySQLSession:
+    def __init__(self, rt: DatabaseRuntime) -> None:
+        self.rt = rt
+        self.dialer = rt.dialer
+
+    async def run(self, conn: Conn) -> None:
+        machine = mysql.MySQLHandshake(database=self.rt.name)
+        conn.notice = Reply(machine.fail)
+        key = asyncio.ensure_future(_ensure_rsa_key())  # made while we connect
+        try:
+            up = await self.dialer.connect(conn)
+        except BaseException:
+            key.cancel()  # the thread finishes on its own; only our wait is dropped
             raise
-        _fail(conn, None, exc.with_database(rt.name), machine.fail(exc))
-        return
-    if not rt.tls.enabled:
-        key.cancel()
-        # tls.mode DISABLE: nothing to negotiate on the app's behalf; relay as TCP.
-        await run_relay(conn, up)
-        return
-    try:
+        if not self.rt.tls.enabled:
+            key.cancel()
+            # tls.mode DISABLE: nothing to negotiate on the app's behalf; relay as TCP.
+            await run_relay(conn, up)
+            return
         await key
-        await _handshake(conn, machine, up)
-    except BaseException:
-        up.abort()
-        raise
+        app_reader, up_reader = _Reader(conn.app), _Reader(up)
+        started = asyncio.get_running_loop().time()
+        try:
+            await self._handshake(conn, machine, up, _Phase(started, app_reader, up_reader))
+        finally:
+            app_reader.stop()
+            up_reader.stop()
 
-
-async def _handshake(conn: Conn, machine: mysql.MySQLHandshake, up: Endpoint) -> None:
-    db = conn.rt.db
-    app_reader, up_reader = _Reader(conn.app), _Reader(up)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    phase_deadline = started + PHASE_TIMEOUT_FACTOR * db.handshakeTimeout
-    # Bytes that arrived in the same wake-up as the server's final OK, after the machine is done.
-    late_app, late_up = bytearray(), bytearray()
-    try:
+    async def _handshake(self, conn: Conn, machine: mysql.MySQLHandshake, up: Endpoint, phase: _Phase) -> None:
+        """Carry out the machine's events and feed it both sides until it relays or fails."""
         while True:
-            # --- carry out what the machine asked for ---
-            while (action := machine.next_action()) is not None:
-                if isinstance(action, mysql.SendToApp):
-                    conn.app.write(action.data)
-                elif isinstance(action, mysql.SendToServer):
-                    up.write(action.data)
-                elif isinstance(action, mysql.NeedUser):
-                    conn.user = action.user
-                    try:
-                        conn.rt.tls.context_for(action.user)
-                    except DbmtlsError as err:
-                        _fail(conn, up, err.with_database(conn.rt.name), machine.fail(err))
-                        return
-                    machine.proceed()
-                elif isinstance(action, mysql.StartTLS):
-                    # No reader may hold the upstream endpoint across the switch; plaintext it
-                    # already took goes to the machine, which reports it as injection.
-                    if early := up_reader.stop():
-                        machine.server_data(early)
-                        continue
-                    try:
-                        await upstream.start_tls(conn, up, conn.user)
-                    except DbmtlsError as err:
-                        _fail(conn, up, err.with_database(conn.rt.name), machine.fail(err))
-                        return
-                    machine.tls_established()
-                elif isinstance(action, mysql.Relay):
-                    late_app += app_reader.stop()
-                    late_up += up_reader.stop()
-                    # The final OK is in to_app, so the relay never sees an upstream failure
-                    # "before the server's first byte": no early-error hook is needed.
-                    await run_relay(
-                        conn,
-                        up,
-                        app_pending=action.to_server + bytes(late_app),
-                        upstream_pending=action.to_app + bytes(late_up),
-                    )
-                    return
-                elif isinstance(action, mysql.Fail):
-                    _fail(conn, up, action.error.with_database(conn.rt.name), action.to_app)
-                    return
-
-            # --- wait for either side ---
-            now = loop.time()
-            deadline = phase_deadline
-            if machine.state == "GREETING":
-                deadline = min(deadline, started + db.handshakeTimeout)
-            if now >= deadline:
-                timeout = UpstreamTimeout(
-                    f"the MySQL connection phase did not finish within {deadline - started:g}s "
-                    f"(waiting in state {machine.state})"
-                    if machine.state != "GREETING"
-                    else f"the server sent no greeting within {db.handshakeTimeout:g}s (is it a MySQL server?)"
+            event = machine.next_event()
+            if isinstance(event, mysql.SendToApp):
+                conn.app.write(event.data)
+            elif isinstance(event, mysql.SendToServer):
+                up.write(event.data)
+            elif isinstance(event, mysql.NeedUser):
+                conn.user = event.user
+                conn.rt.tls.context_for(event.user)  # IdentityError: the notice renders it
+                machine.proceed()
+            elif isinstance(event, mysql.StartTLS):
+                # No reader may hold the upstream endpoint across the switch; plaintext it
+                # already took goes to the machine, which reports it as injection.
+                if early := phase.up.stop():
+                    machine.receive_server_data(early)
+                    continue
+                await self.dialer.start_tls(conn, up, conn.user)
+                machine.tls_established()
+            elif isinstance(event, mysql.Relay):
+                # The final OK is in to_app, so the relay never sees an upstream failure
+                # "before the server's first byte": nothing is told early.
+                await run_relay(
+                    conn,
+                    up,
+                    app_pending=event.to_server + phase.app.stop(),
+                    upstream_pending=event.to_app + phase.up.stop(),
                 )
-                _fail(conn, up, timeout.with_database(conn.rt.name), machine.fail(timeout))
                 return
-            app_task, up_task = app_reader.pending(), up_reader.pending()
-            done, _ = await asyncio.wait((app_task, up_task), timeout=deadline - now, return_when="FIRST_COMPLETED")
-            # Server bytes first: the final OK must reach the machine before app bytes that
-            # followed it, which then belong to the relay.
-            if up_task in done:
-                up_reader.task = None
-                try:
-                    data = up_task.result()
-                except Exception as exc:
-                    # e.g. TLS 1.3: a rejected client certificate arrives as an alert on the
-                    # first read after our side of the handshake finished.
-                    late = classify_late(conn, exc)
-                    _fail(conn, up, late, machine.fail(late))
-                    return
-                if machine.state == "DONE":
-                    late_up += data
-                else:
-                    machine.server_data(data)
-            if app_task in done:
-                app_reader.task = None
-                try:
-                    data = app_task.result()
-                except Exception:
-                    data = b""  # a reset app is an app that hung up
-                if machine.state == "DONE":
-                    late_app += data
-                else:
-                    machine.app_data(data)
-    finally:
-        app_reader.stop()
-        up_reader.stop()
+            elif isinstance(event, mysql.Fail):
+                conn.notice = Said(event.to_app)
+                raise event.error
+            else:
+                await self._wait(conn, machine, phase)
 
-
-def _fail(conn: Conn, up: Endpoint | None, err: DbmtlsError, to_app: bytes) -> None:
-    conn.error = err
-    if to_app:
-        conn.app.write(to_app)
-    conn.app.close()  # flushes the ERR packet first
-    if up is not None:
-        up.abort()
+    async def _wait(self, conn: Conn, machine: mysql.MySQLHandshake, phase: _Phase) -> None:
+        """Wait for either side (both are read at once: whose turn it is depends on the plugin)."""
+        db = conn.rt.db
+        app_reader, up_reader = phase.app, phase.up
+        now = asyncio.get_running_loop().time()
+        started = phase.started
+        deadline = started + PHASE_TIMEOUT_FACTOR * db.handshakeTimeout
+        greeting = machine.state is mysql.MySQLState.GREETING
+        if greeting:
+            deadline = min(deadline, started + db.handshakeTimeout)
+        if now >= deadline:
+            raise UpstreamTimeout(
+                f"the server sent no greeting within {db.handshakeTimeout:g}s (is it a MySQL server?)"
+                if greeting
+                else f"the MySQL connection phase did not finish within {deadline - started:g}s "
+                f"(waiting in state {machine.state.name})"
+            )
+        app_task, up_task = app_reader.pending(), up_reader.pending()
+        done, _ = await asyncio.wait((app_task, up_task), timeout=deadline - now, return_when="FIRST_COMPLETED")
+        # Server bytes first: the final OK must reach the machine before app bytes that
+        # followed it, which then belong to the relay (they stay in the reader's task).
+        if up_task in done:
+            up_reader.task = None
+            try:
+                data = up_task.result()
+            except Exception as exc:
+                # e.g. TLS 1.3: a rejected client certificate arrives as an alert on the
+                # first read after our side of the handshake finished.
+                raise self.dialer.failure(conn, exc) from None
+            machine.receive_server_data(data)
+        if app_task in done and machine.state is not mysql.MySQLState.DONE:
+            app_reader.task = None
+            try:
+                data = app_task.result()
+            except Exception:
+                data = b""  # a reset app is an app that hung up
+            machine.receive_app_data(data)
