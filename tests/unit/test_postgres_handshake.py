@@ -26,6 +26,7 @@ from dbmtls.errors import (
     UpstreamUnreachable,
 )
 from dbmtls.protocols.postgres import (
+    FIRST_REPLY_LIMIT,
     GSSENC_REQUEST,
     MAX_STARTUP,
     SSL_REQUEST,
@@ -35,6 +36,8 @@ from dbmtls.protocols.postgres import (
     BackendKey,
     BackendScanner,
     CancelRequest,
+    FirstReply,
+    FirstReplyDone,
     NeedData,
     Reply,
     Startup,
@@ -785,3 +788,50 @@ def test_real_asyncpg() -> None:
     assert (ev.user, ev.database) == ("bob", "shop")
     assert "no client certificate configured for user bob" in str(exc)
     assert getattr(exc, "sqlstate", None) == "28000"
+
+
+# --- FirstReply -------------------------------------------------------------------------------------------
+
+_SASL_OFFER = msg(b"R", struct.pack("!I", 10) + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0")
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_first_reply_skips_negotiate_version_and_strips_plus(step: int | None) -> None:
+    nego = msg(b"v", struct.pack("!II", 0, 1) + b"_pq_.x\0")
+    stream = nego + _SASL_OFFER + b"more"
+    reply = FirstReply()
+    size = step or len(stream)
+    event: object = NeedData()
+    fed = 0
+    for i in range(0, len(stream), size):
+        if not isinstance(event, NeedData):
+            break
+        chunk = stream[i : i + size]
+        fed += len(chunk)
+        reply.receive_data(chunk)
+        event = reply.next_event()
+    extra = stream[len(nego + _SASL_OFFER) : fed]  # what came with the last chunk is relayed too
+    assert event == FirstReplyDone(nego + strip_scram_plus(_SASL_OFFER) + extra)
+
+
+def test_first_reply_eof() -> None:
+    silent = FirstReply()
+    silent.receive_data(b"")
+    with pytest.raises(UpstreamProtocolError, match="without answering"):
+        silent.next_event()
+    partial = FirstReply()
+    partial.receive_data(_SASL_OFFER[:7])
+    assert partial.next_event() == NeedData()
+    partial.receive_data(b"")
+    assert partial.next_event() == FirstReplyDone(_SASL_OFFER[:7])
+
+
+def test_first_reply_is_bounded() -> None:
+    reply = FirstReply()
+    reply.receive_data(msg(b"N", b"x" * FIRST_REPLY_LIMIT))
+    with pytest.raises(UpstreamProtocolError, match="without authenticating"):
+        reply.next_event()
+    broken = FirstReply()
+    broken.receive_data(b"R\0\0\0\x02")
+    with pytest.raises(UpstreamProtocolError, match="invalid length 2"):
+        broken.next_event()

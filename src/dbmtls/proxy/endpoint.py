@@ -4,7 +4,7 @@ Handshakes are driven by sans-IO machines (``dbmtls.protocols``); this class is
 the few lines of asyncio that feed them.  Reads return *whatever arrived*
 (never more than what the peer sent), so an upgrade can check that nothing
 is buffered beyond the server's one-byte answer before it starts TLS
-(protocols.md rule 0.1).  When the handshake is over, ``detach()`` hands the
+(docs/protocols/README.md#no-over-read).  When the handshake is over, ``detach()`` hands the
 transport and any unread bytes to the relay, which installs its own protocol.
 """
 
@@ -131,7 +131,3 @@ class Endpoint(asyncio.Protocol):
     @property
     def eof_seen(self) -> bool:
         return self._eof
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._buffer

@@ -60,9 +60,9 @@ def _peer_name(ep: Endpoint) -> str:
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, dialer: Dialer | None = None) -> None:
         self.config = config
-        dialer = Dialer()
+        dialer = dialer or Dialer()
         self.runtimes = {db.name: DatabaseRuntime(db, dialer) for db in config.databases}
         self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
         self._servers: list[asyncio.Server] = []

@@ -14,6 +14,7 @@ put a scripted server in its place (``tests/support/transcript.py``).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 from dbmtls.errors import DbmtlsError, UpstreamError, UpstreamProtocolError
@@ -40,15 +41,40 @@ class Dialer:
         """
         return classify(exc, target=target(conn), server_name=conn.rt.db.server_name)
 
+    async def open(self, conn: Conn, ep: Endpoint) -> None:
+        """The TCP connection itself: ``ep`` gets ``connection_made``.  Raises what the OS says."""
+        host, port = conn.rt.db.dial_target
+        await asyncio.get_running_loop().create_connection(lambda: ep, host, port)
+
+    async def handshake(self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext) -> ssl.SSLObject | None:
+        """The TLS handshake itself, on ``ep``'s transport; raises what OpenSSL says."""
+        db = conn.rt.db
+        assert ep.transport is not None
+        transport = await asyncio.get_running_loop().start_tls(
+            ep.transport,
+            ep,
+            ctx,
+            server_side=False,
+            server_hostname=db.server_name,
+            # a backstop, later than our own timeout (see start_tls)
+            ssl_handshake_timeout=db.handshakeTimeout + 5.0,
+        )
+        if transport is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        ep.transport = transport
+        ep.tls = True
+        sslobj: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        if needs_name_check(ctx):
+            check_peer_names(sslobj, db.verify_names)
+        return sslobj
+
     async def connect(self, conn: Conn) -> Endpoint:
         db = conn.rt.db
-        host, port = db.dial_target
-        loop = asyncio.get_running_loop()
         ep = Endpoint()
         started = time.monotonic()
         try:
             async with asyncio.timeout(db.connectTimeout):
-                await loop.create_connection(lambda: ep, host, port)
+                await self.open(conn, ep)
         except TimeoutError:
             err = self.failure(conn, TimeoutError())
             raise err.with_message(f"connecting to {target(conn)} timed out after {db.connectTimeout:g}s") from None
@@ -71,29 +97,12 @@ class Dialer:
             raise UpstreamProtocolError(
                 f"server {target(conn)} sent unencrypted data before the TLS handshake (possible man-in-the-middle)"
             )
-        assert ep.transport is not None
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
             # Our own timeout: the event loop's ssl_handshake_timeout surfaces as a
-            # ConnectionAbortedError, indistinguishable from a peer that hung up.  Theirs stays
-            # as a backstop, later than ours.
+            # ConnectionAbortedError, indistinguishable from a peer that hung up.
             async with asyncio.timeout(db.handshakeTimeout):
-                transport = await loop.start_tls(
-                    ep.transport,
-                    ep,
-                    ctx,
-                    server_side=False,
-                    server_hostname=db.server_name,
-                    ssl_handshake_timeout=db.handshakeTimeout + 5.0,
-                )
-            if transport is None:
-                raise ConnectionResetError("connection closed during the TLS handshake")
-            ep.transport = transport
-            ep.tls = True
-            sslobj = transport.get_extra_info("ssl_object")
-            if needs_name_check(ctx):
-                check_peer_names(sslobj, db.verify_names)
+                sslobj = await self.handshake(conn, ep, ctx)
         except DbmtlsError:
             ep.abort()
             raise
