@@ -90,6 +90,11 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
     else:
         import yaml
 
+        for db in config.databases:
+            # what the registry says this database will do, as YAML comments (the output stays YAML)
+            host, port = db.upstream
+            click.echo(f"# {db.name}: {db.spec.title} on {db.listen} -> {host}:{port}; {db.spec.upgrade}")
+            click.echo(f"#   errors the app sees: {db.spec.errors}")
         click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
     if problems:
         for p in problems:

@@ -45,6 +45,24 @@ class Reason(enum.StrEnum):
     CLIENT_CERT_REJECTED = "client_cert_rejected"
 
 
+# What each reason means, for people (the README's and docs/errors.md's tables are made from it).
+DESCRIPTIONS: dict[Reason, str] = {
+    Reason.INTERNAL: "a bug in dbmtls (logged with a traceback)",
+    Reason.CONFIG: "the configuration is invalid",
+    Reason.APP_PROTOCOL: "the app sent something that is not the configured protocol (or started TLS)",
+    Reason.NO_CERTIFICATE_FOR_USER: "no client certificate is configured for this database user",
+    Reason.UPSTREAM: "any other failure toward the server",
+    Reason.CONNECTION_REFUSED: "the server is unreachable (refused, no route, DNS)",
+    Reason.TIMEOUT: "connect, TLS handshake or the server's first answer timed out",
+    Reason.SERVER_REFUSED_TLS: "the server does not do TLS on that port",
+    Reason.UPSTREAM_PROTOCOL: "the server broke the protocol (including plaintext injected before TLS)",
+    Reason.HANDSHAKE_FAILED: "the TLS handshake failed (no common version or cipher, or the server hung up)",
+    Reason.UNKNOWN_CA: "the server certificate does not chain to the configured CA",
+    Reason.NAME_MISMATCH: "the server certificate does not carry the expected name",
+    Reason.EXPIRED: "the server certificate is expired or not yet valid",
+    Reason.CLIENT_CERT_REJECTED: "the server refused our client certificate",
+}
+
 # Reasons a connection can fail with once the process runs (CONFIG and INTERNAL are not
 # per-connection outcomes): the metric exports a zero for each, so dashboards see no gaps.
 CONNECTION_FAILURES: tuple[Reason, ...] = tuple(r for r in Reason if r not in (Reason.INTERNAL, Reason.CONFIG))

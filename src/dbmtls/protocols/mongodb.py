@@ -328,7 +328,8 @@ SPEC = ProtocolSpec(
     aliases=("mongo",),
     session="dbmtls.proxy.sessions.answering:MongoSession",
     wire_code=_wire_code,
-    errors="{ok: 0, errmsg, code, codeName} reply (OP_MSG or OP_REPLY) to each request, then close",
+    upgrade="TLS from the first byte",
+    errors="`{ok: 0, errmsg, code, codeName}` reply (OP_MSG or OP_REPLY) to each request, then close",
     default_port=27017,
     well_known_ports=(27017,),
 )

@@ -115,7 +115,8 @@ SPEC = ProtocolSpec(
     title="Redis",
     session="dbmtls.proxy.sessions.answering:RedisSession",
     wire_code=_wire_code,
-    errors="-ERR reply to each request for a short, bounded time, then close",
+    upgrade="TLS from the first byte",
+    errors="`-ERR` reply to each request for a short, bounded time, then close",
     default_port=6379,
     well_known_ports=(6379,),
 )

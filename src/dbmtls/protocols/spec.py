@@ -32,6 +32,8 @@ class ProtocolSpec:
     """``module:Class`` of the session driver in ``dbmtls.proxy.sessions``."""
     wire_code: Callable[[Reason], str]
     """How an error with this reason is spelled toward the app (docs and ``check``)."""
+    upgrade: str
+    """One line: how TLS toward the server starts."""
     errors: str
     """One line: how the app is told that something failed."""
     aliases: tuple[str, ...] = ()

@@ -20,6 +20,7 @@ SPEC = ProtocolSpec(
     title="TCP (opaque, TLS from the first byte)",
     session="dbmtls.proxy.sessions.tcp:TcpSession",
     wire_code=wire_code,
+    upgrade="TLS from the first byte",
     errors="none in-band: the connection is closed; the log line and metric say why",
     named_in_hosts=False,
 )

@@ -79,7 +79,7 @@ class DatabaseRuntime:
     def __init__(self, db: DatabaseConfig, dialer: Dialer) -> None:
         self.db = db
         self.spec = db.spec
-        self.tls = ClientTLS(db, self.spec.alpn)
+        self.tls = ClientTLS(db)
         self.dialer = dialer
         self.stats = Stats()
         self.active: set[Conn] = set()

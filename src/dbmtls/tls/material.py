@@ -81,9 +81,9 @@ def key_permission_warning(path: str) -> str | None:
 class ClientTLS:
     """Loads, validates and holds the TLS contexts of one database."""
 
-    def __init__(self, db: DatabaseConfig, alpn: Sequence[str] = ()) -> None:
+    def __init__(self, db: DatabaseConfig) -> None:
         self.db = db
-        self.alpn = tuple(alpn)
+        self.alpn = db.spec.alpn  # only where the protocol defines one
         self.material: Material | None = None
         self.last_error: str | None = None
 
