@@ -512,17 +512,7 @@ def parse_handshake_response(payload: bytes) -> HandshakeResponse:
     user = _text(user_raw, "user name")
 
     auth_start = pos
-    if flags & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
-        auth, pos = _read_lenenc_bytes(payload, pos, "the auth response")
-    elif flags & CLIENT_SECURE_CONNECTION:
-        if pos >= len(payload):
-            raise AppProtocolError("HandshakeResponse truncated in the auth response")
-        n = payload[pos]
-        if pos + 1 + n > len(payload):
-            raise AppProtocolError("HandshakeResponse truncated in the auth response")
-        auth, pos = payload[pos + 1 : pos + 1 + n], pos + 1 + n
-    else:
-        auth, pos = _cstr(payload, pos, "the auth response", to_end_ok=True)
+    auth, pos = _auth_response(payload, pos, flags)
     auth_span = (auth_start, pos)
 
     # The optional tail is parsed leniently where the server is lenient too: a field announced by a
@@ -539,15 +529,7 @@ def parse_handshake_response(payload: bytes) -> HandshakeResponse:
             plugin = sanitize(raw.decode("utf-8", "replace"), limit=100) or _NATIVE
     attributes: dict[str, str] = {}
     if flags & CLIENT_CONNECT_ATTRS and pos < len(payload):
-        total, pos = _read_lenenc_int(payload, pos, "the connection attributes")
-        end = pos + total
-        if end > len(payload):
-            raise AppProtocolError("HandshakeResponse truncated in the connection attributes")
-        block = payload[:end]
-        while pos < end:
-            key, pos = _read_lenenc_bytes(block, pos, "a connection attribute")
-            value, pos = _read_lenenc_bytes(block, pos, "a connection attribute")
-            attributes[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        attributes = _connect_attributes(payload, pos)
     return HandshakeResponse(
         payload=payload,
         capabilities=flags,
@@ -561,6 +543,33 @@ def parse_handshake_response(payload: bytes) -> HandshakeResponse:
         attributes=attributes,
         auth_span=auth_span,
     )
+
+
+def _auth_response(payload: bytes, pos: int, flags: int) -> tuple[bytes, int]:
+    """The auth response at ``pos``, in whichever of its three encodings ``flags`` announce."""
+    if flags & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
+        return _read_lenenc_bytes(payload, pos, "the auth response")
+    if flags & CLIENT_SECURE_CONNECTION:
+        if pos >= len(payload) or pos + 1 + payload[pos] > len(payload):
+            raise AppProtocolError("HandshakeResponse truncated in the auth response")
+        n = payload[pos]
+        return payload[pos + 1 : pos + 1 + n], pos + 1 + n
+    return _cstr(payload, pos, "the auth response", to_end_ok=True)
+
+
+def _connect_attributes(payload: bytes, pos: int) -> dict[str, str]:
+    """The length-prefixed block of key/value connection attributes at ``pos``."""
+    total, pos = _read_lenenc_int(payload, pos, "the connection attributes")
+    end = pos + total
+    if end > len(payload):
+        raise AppProtocolError("HandshakeResponse truncated in the connection attributes")
+    block = payload[:end]
+    attributes: dict[str, str] = {}
+    while pos < end:
+        key, pos = _read_lenenc_bytes(block, pos, "a connection attribute")
+        value, pos = _read_lenenc_bytes(block, pos, "a connection attribute")
+        attributes[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return attributes
 
 
 # --- dbmtls's RSA key ------------------------------------------------------------------------

@@ -264,25 +264,38 @@ class AppHandshake:
             raise
 
     def _next_event(self) -> AppEvent:
-        buf = self._buf
+        if self._state is not AppState.READING:
+            return self._after_handshake()
+        if not self._buf:
+            if self._eof:
+                self._state = AppState.CLOSED
+                return AppClosed()
+            return NeedData()
+        packet = self._next_packet()
+        if packet is None:
+            return self._need_more()
+        code = int.from_bytes(packet[4:8], "big")
+        if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+            return self._encryption_request(code, len(packet))
+        if code == CANCEL_REQUEST_CODE:
+            return self._cancel_request(packet)
+        return self._startup(packet, code)
+
+    def _after_handshake(self) -> AppEvent:
         if self._state is AppState.STARTED:
             # Handshake over: everything further is trailing data for the glue to forward.
             return AppClosed() if self._eof else NeedData()
         if self._state is AppState.CANCEL:
             # A cancel connection carries exactly one packet; the server closes after it.
-            if buf:
+            if self._buf:
                 raise AppProtocolError("unexpected data after a CancelRequest")
             return AppClosed() if self._eof else NeedData()
-        if self._state is AppState.CLOSED:
-            return AppClosed()
+        return AppClosed()
 
-        if not buf:
-            if self._eof:
-                self._state = AppState.CLOSED
-                return AppClosed()
-            return NeedData()
-
-        # Decide as early as possible, so garbage never makes us wait for (or buffer) more bytes.
+    def _next_packet(self) -> bytes | None:
+        """The next whole startup-family packet, or None; decides as early as possible, so
+        garbage never makes us wait for (or buffer) more bytes."""
+        buf = self._buf
         if buf[0] == _TLS_HANDSHAKE_RECORD:
             # 16 03 xx ... can never be a startup length (> 10000): it is a TLS ClientHello, i.e. the
             # app uses sslnegotiation=direct (or sslmode=require with a TLS-terminating proxy in mind).
@@ -295,47 +308,48 @@ class AppHandshake:
             # Any length >= 2**24 is far beyond MAX_STARTUP; no need to wait for all four bytes.
             raise self._bad_length(None)
         if len(buf) < 4:
-            return self._need_more()
+            return None
         length = int.from_bytes(buf[0:4], "big")
         if length < 8 or length > MAX_STARTUP:
             raise self._bad_length(length)
         if len(buf) < length:
-            return self._need_more()
-
+            return None
         packet = bytes(buf[:length])
         del buf[:length]
-        code = int.from_bytes(packet[4:8], "big")
+        return packet
 
-        if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
-            is_ssl = code == SSL_REQUEST_CODE
-            name = "SSLRequest" if is_ssl else "GSSENCRequest"
-            if length != 8:
-                raise AppProtocolError(f"invalid {name} length {length} (expected 8)")
-            # The protocol allows one of each, in either order (libpq: GSSENC 'N' -> SSLRequest);
-            # a repeat is a confused client, and bounding it bounds the number of replies.
-            if is_ssl:
-                self._ssl_requests += 1
-                repeated = self._ssl_requests > 1
-            else:
-                self._gss_requests += 1
-                repeated = self._gss_requests > 1
-            if repeated:
-                raise AppProtocolError(f"duplicate {name} on one connection")
-            # 'N': continue in plaintext on the same socket (what PgBouncer does without client TLS).
-            return Reply(b"N")
+    def _encryption_request(self, code: int, length: int) -> Reply:
+        is_ssl = code == SSL_REQUEST_CODE
+        name = "SSLRequest" if is_ssl else "GSSENCRequest"
+        if length != 8:
+            raise AppProtocolError(f"invalid {name} length {length} (expected 8)")
+        # The protocol allows one of each, in either order (libpq: GSSENC 'N' -> SSLRequest);
+        # a repeat is a confused client, and bounding it bounds the number of replies.
+        if is_ssl:
+            self._ssl_requests += 1
+            repeated = self._ssl_requests > 1
+        else:
+            self._gss_requests += 1
+            repeated = self._gss_requests > 1
+        if repeated:
+            raise AppProtocolError(f"duplicate {name} on one connection")
+        # 'N': continue in plaintext on the same socket (what PgBouncer does without client TLS).
+        return Reply(b"N")
 
-        if code == CANCEL_REQUEST_CODE:
-            key = packet[12:]
-            if length < 12 or not MIN_CANCEL_KEY <= len(key) <= MAX_CANCEL_KEY:
-                raise AppProtocolError(
-                    f"invalid CancelRequest length {length} (expected 16, or 12 + a {MIN_CANCEL_KEY}..{MAX_CANCEL_KEY}"
-                    " byte key for protocol 3.2)"
-                )
-            if buf:
-                raise AppProtocolError("unexpected data after a CancelRequest")
-            self._state = AppState.CANCEL
-            return CancelRequest(raw=packet, pid=int.from_bytes(packet[8:12], "big"), key=key)
+    def _cancel_request(self, packet: bytes) -> CancelRequest:
+        length = len(packet)
+        key = packet[12:]
+        if length < 12 or not MIN_CANCEL_KEY <= len(key) <= MAX_CANCEL_KEY:
+            raise AppProtocolError(
+                f"invalid CancelRequest length {length} (expected 16, or 12 + a {MIN_CANCEL_KEY}..{MAX_CANCEL_KEY}"
+                " byte key for protocol 3.2)"
+            )
+        if self._buf:
+            raise AppProtocolError("unexpected data after a CancelRequest")
+        self._state = AppState.CANCEL
+        return CancelRequest(raw=packet, pid=int.from_bytes(packet[8:12], "big"), key=key)
 
+    def _startup(self, packet: bytes, code: int) -> Startup:
         major, minor = code >> 16, code & 0xFFFF
         if major == _SPECIAL_MAJOR:
             raise AppProtocolError(f"unknown startup request code {code}")
