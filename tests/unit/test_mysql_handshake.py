@@ -28,6 +28,7 @@ from dbmtls.errors import (
 from dbmtls.protocols.mysql import (
     CLIENT_COMPRESS,
     CLIENT_CONNECT_WITH_DB,
+    CLIENT_MYSQL,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA,
     CLIENT_PROTOCOL_41,
@@ -154,7 +155,7 @@ def test_mysql8_greeting_is_rewritten_with_only_the_three_bits_cleared(bytewise:
     assert new.scramble == info.scramble == SCRAMBLE
     assert new.auth_plugin == "caching_sha2_password"
     assert info.server_version == "8.0.36"
-    assert not info.is_mariadb
+    assert info.capabilities & CLIENT_MYSQL  # MySQL sets it; MariaDB clears it
     assert hs.state is MySQLState.APP_RESPONSE
 
 
@@ -165,8 +166,8 @@ def test_mariadb_greeting_keeps_extended_caps_and_scramble() -> None:
     assert isinstance(to_app, SendToApp)
     _, rewritten = split(to_app.data)
     info, new = parse_greeting(g), parse_greeting(rewritten)
-    assert info.is_mariadb
-    assert new.is_mariadb
+    assert not info.capabilities & CLIENT_MYSQL
+    assert not new.capabilities & CLIENT_MYSQL
     assert info.capabilities >> 32 == MARIADB_EXT
     assert new.capabilities >> 32 == MARIADB_EXT
     assert rewritten[-40:] == g[-40:]  # reserved tail, scramble part 2 and plugin name untouched

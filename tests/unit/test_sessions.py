@@ -22,6 +22,7 @@ from dbmtls.protocols import postgres as pg
 from dbmtls.protocols.mysql import CLIENT_SSL, packet
 from support.certs import PKI
 from support.mysql_wire import OK, greeting, response
+from support.pg_wire import encode_startup
 from support.transcript import Harness, harness, tls_alert
 
 PING = b"*1\r\n$4\r\nPING\r\n"
@@ -163,7 +164,7 @@ def test_tcp_failure_is_a_close_and_a_record(pki: PKI) -> None:
 
 
 def startup(user: str = "alice", database: str = "shop") -> bytes:
-    return pg.encode_startup((3, 0), {"user": user, "database": database})
+    return encode_startup((3, 0), {"user": user, "database": database})
 
 
 def pg_msg(mtype: bytes, body: bytes) -> bytes:

@@ -358,10 +358,6 @@ class Greeting:
     auth_plugin: str
     caps_offset: int  # where capability_flags_1 starts; capability_flags_2 is at +5
 
-    @property
-    def is_mariadb(self) -> bool:
-        return not self.capabilities & CLIENT_MYSQL
-
     def for_app(self) -> bytes:
         """The payload with CLIENT_SSL, CLIENT_COMPRESS and CLIENT_ZSTD cleared; same length."""
         out = bytearray(self.payload)

@@ -118,9 +118,7 @@ __all__ = [
     "StartupDone",
     "TLSAccepted",
     "UpstreamNegotiation",
-    "encode_startup",
     "error_response",
-    "parse_backend_key_data",
     "sqlstate",
     "strip_scram_plus",
 ]
@@ -168,13 +166,6 @@ class Startup:
     def database(self) -> str:
         # The server defaults an absent *or empty* database to the user name.
         return self.params.get("database") or self.user
-
-    def with_params(self, changes: Mapping[str, str]) -> Startup:
-        """A copy with some parameters replaced or added (e.g. ``user`` rewritten to match the
-        certificate); the packet is re-encoded with a recomputed length, order preserved."""
-        params = dict(self.params)
-        params.update(changes)
-        return Startup(raw=encode_startup(self.version, params), version=self.version, params=params)
 
 
 @dataclass(frozen=True)
@@ -413,18 +404,6 @@ def _parse_startup_params(body: bytes) -> dict[str, str]:
     return params
 
 
-def encode_startup(version: tuple[int, int], params: Mapping[str, str]) -> bytes:
-    """Build a StartupMessage (length recomputed).  ``_pq_.`` and unknown options are kept."""
-    body = bytearray((version[0] << 16 | version[1]).to_bytes(4, "big"))
-    for name, value in params.items():
-        n, v = name.encode("utf-8"), value.encode("utf-8")
-        if not n or b"\x00" in n or b"\x00" in v:
-            raise ValueError(f"startup parameter {name!r} cannot be encoded")
-        body += n + b"\x00" + v + b"\x00"
-    body += b"\x00"
-    return (len(body) + 4).to_bytes(4, "big") + bytes(body)
-
-
 # --- the upstream side: dbmtls as client (protocols.md 1.2, 1.4) -------------------------
 
 
@@ -607,22 +586,6 @@ def error_response(err: DbmtlsError, *, severity: str = "FATAL", detail: str | N
 
 
 # --- server -> app during startup ------------------------------------------------------------
-
-
-def parse_backend_key_data(message: bytes) -> tuple[int, bytes] | None:
-    """A complete BackendKeyData message (``'K' Int32 len Int32 pid key``) -> ``(pid, key)``.
-
-    ``None`` if it is not a well-formed 'K' (other type, length mismatch, key not 4..256 bytes).
-    """
-    if len(message) < 9 or message[0] != ord("K"):
-        return None
-    length = int.from_bytes(message[1:5], "big")
-    if length != len(message) - 1:
-        return None
-    key = message[9:]
-    if not MIN_CANCEL_KEY <= len(key) <= MAX_CANCEL_KEY:
-        return None
-    return int.from_bytes(message[5:9], "big"), key
 
 
 _K_MAX_LENGTH: Final = 4 + 4 + MAX_CANCEL_KEY
