@@ -428,7 +428,7 @@ def test_auth_switch_is_renumbered_both_ways(bytewise: bool) -> None:
 
 @pytest.mark.parametrize("bytewise", [False, True])
 def test_caching_sha2_full_auth_with_local_key_exchange(bytewise: bool) -> None:
-    # protocols.md 2.5 example:
+    # docs/protocols/mysql.md#worked-example:
     #   upstream: S greet(0) P SSLReq(1) [TLS] P HResp(2) S 01 04(3)            P pwd\0(4) S OK(5)
     #   app:      P greet(0) A HResp(1)        P 01 04(2) A 02(3) P 01 PEM(4) A RSA(5)        P OK(6)
     hs = MySQLHandshake(rsa_key=KEY)

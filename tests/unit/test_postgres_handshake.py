@@ -1,4 +1,4 @@
-"""Byte-level tests of the sans-IO PostgreSQL handshake (protocols.md section 1).
+"""Byte-level tests of the sans-IO PostgreSQL handshake (docs/protocols/postgres.md).
 
 Each parser is fed the whole input, then one byte at a time, then with trailing garbage, then fuzzed;
 finally real clients (psql/libpq, asyncpg) are pointed at an AppHandshake driven by a few lines of asyncio.

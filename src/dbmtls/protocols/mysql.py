@@ -9,7 +9,7 @@ object, :class:`MySQLHandshake`, holds the whole connection phase.  It never tou
 glue feeds it bytes and carries out the actions it returns (the shape of mitmproxy's layers: events
 in, commands out).  Once the server says OK it hands over to a plain byte relay and is done.
 
-Conversation (protocols.md 2.4 "recommended order", 2.5 renumbering)::
+Conversation (docs/protocols/mysql.md#connection-phase-order, #sequence-ids)::
 
     app                           dbmtls                               server
      |                              |<------------------- greeting(0) --|  server_data
@@ -27,15 +27,17 @@ API
 ``MySQLHandshake(rsa_key=None, database=None)``
     ``database`` (the dbmtls database name) is set on every error the machine reports.
     ``rsa_key`` is dbmtls's own RSA key for the caching_sha2_password / sha256_password key
-    exchange; by default the process-wide :func:`proxy_rsa_key` (2048 bit, generated lazily on first use; the
-    glue may call it once at start-up, in a thread, to keep the ~100 ms generation off the loop).
+    exchange; by default the process-wide :func:`proxy_rsa_key` (2048 bit, generated lazily on first
+    use; the glue may call it once at start-up, in a thread, to keep the ~100 ms generation off the
+    loop).
 
-Inputs (never raise for anything the peers send; problems come out as a ``Fail`` action):
+The shape is the one every dbmtls machine has (``dbmtls.protocols.events``), with one input per
+peer.  Inputs never raise for anything the peers send; problems come out as a ``Fail`` event:
 
-``server_data(data)``
+``receive_server_data(data)``
     Bytes from the server: plaintext before TLS, *decrypted* bytes after ``tls_established()``.
     ``b""`` means EOF.
-``app_data(data)``
+``receive_app_data(data)``
     Bytes from the application; ``b""`` means EOF.
 ``proceed()``
     Answer to ``NeedUser``: the glue has a client certificate for the user and will do TLS.
@@ -44,25 +46,28 @@ Inputs (never raise for anything the peers send; problems come out as a ``Fail``
 ``fail(err) -> bytes``
     The glue detected a failure itself (connect error, TLS failure, no certificate for the user,
     timeout).  The machine becomes FAILED and returns the ERR packet to write to the app before
-    closing (``b""`` if nothing can usefully be said).  Format by phase (protocols.md 2.7): before
-    the greeting reached the app -> seq 0 without ``#SQLSTATE`` ("3.21 format", libmysql does not
-    know the server is 4.1 yet); once the greeting was sent but before the HandshakeResponse was
-    read -> seq 2 with ``#SQLSTATE`` (the app will read it right after writing its response, seq 1);
+    closing (``b""`` if nothing can usefully be said).  Format by phase
+    (docs/protocols/mysql.md#err-format-by-phase): before the greeting reached the app -> seq 0
+    without ``#SQLSTATE`` ("3.21 format", libmysql does not know the server is 4.1 yet); once the
+    greeting was sent but before the HandshakeResponse was read -> seq 2 with ``#SQLSTATE`` (the
+    app will read it right after writing its response, seq 1);
     after the HandshakeResponse -> seq ``app_next`` with ``#SQLSTATE``.
 
-``next_action() -> Action | None``
-    Pop the next action; call it until ``None`` after every input.  Actions:
+``next_event() -> Event``
+    Pop the next event; call it until ``NeedData`` after every input.  Events:
 
     ``SendToApp(data)`` / ``SendToServer(data)``
         Write these bytes (complete packets) now.
     ``NeedUser(user)``
-        The HandshakeResponse was parsed (rule 0.2: the identity is known before the TLS handshake).
+        The HandshakeResponse was parsed (the identity is known before the TLS handshake:
+        docs/protocols/README.md#identity-before-handshake).
         Pick the client certificate for ``user`` and call ``proceed()``, or ``fail(...)``.
         ``handshake.response`` holds the parsed packet (database, plugin, attributes).
     ``StartTLS()``
         Follows ``SendToServer(SSLRequest)``.  Start the TLS handshake on the upstream socket right
         away: the server sends nothing in between, so any plaintext byte read from the server before
-        TLS must be passed to ``server_data`` and is reported as injection (rule 0.1).
+        TLS must be passed to ``receive_server_data`` and is reported as injection
+        (docs/protocols/README.md#no-over-read).
     ``Relay(to_app, to_server)``
         Authentication succeeded.  ``to_app`` is the final OK packet (renumbered) plus whatever the
         server sent after it; ``to_server`` is whatever the app sent that was not consumed.  Write
@@ -87,12 +92,12 @@ Greeting rewrite
     ``CLIENT_COMPRESS`` and ``CLIENT_ZSTD_COMPRESSION_ALGORITHM`` are cleared like MySQL Router does;
     everything else, including the scramble and MariaDB's extended capabilities, stays byte-exact.
 
-Sequence ids (2.5)
+Sequence ids (docs/protocols/mysql.md#sequence-ids)
     Two independent counters, ``up_next`` and ``app_next``.  Every relayed auth packet is checked
     against the counter of the side it came from and re-emitted with the counter of the other side.
     A packet answered locally advances only the counter of the side it was exchanged with.
 
-Local RSA key exchange (2.6)
+Local RSA key exchange (docs/protocols/mysql.md#local-rsa-key-exchange)
     The app believes it is on plaintext, so for caching_sha2_password full authentication (server
     ``01 04``) and for sha256_password it asks for the server's public key.  That request is never
     forwarded (over TLS the server would take it for a cleartext password).  dbmtls answers with
@@ -103,7 +108,10 @@ Local RSA key exchange (2.6)
     with sha256_password.  In that last case the key exchange with the app happens after TLS is up
     and before the HandshakeResponse goes upstream, with the password put in its auth-response
     field (the app reads the key as seq 2, exactly as if the server had sent it).  Apps that use a
-    pinned *server* key cannot work through dbmtls: decryption fails and the machine says so.
+    pinned *server* key cannot work through dbmtls: they never ask for a key, so their blob
+    (encrypted for the real server's key, against a scramble the server checks over TLS) is relayed
+    and the server rejects the login with its own ERR; an app that asks for the key and then
+    encrypts with another one fails decryption here, and the machine says so.
 
 Server ERR during authentication
     Relayed (renumbered) to the app as the ``to_app`` of a ``Fail``, not as a ``Relay``: the server
@@ -182,7 +190,7 @@ __all__ = [
     "proxy_rsa_key",
 ]
 
-# --- constants (include/mysql_com.h, protocols.md 2.3) -------------------------------------
+# --- constants (include/mysql_com.h; docs/protocols/mysql.md#capability-flags) -------------------------------------
 
 CLIENT_MYSQL: Final = 1  # CLIENT_LONG_PASSWORD; a MariaDB server clears it
 CLIENT_CONNECT_WITH_DB: Final = 0x8
@@ -274,7 +282,7 @@ def packet(payload: bytes, seq: int) -> bytes:
 
 
 def err_packet(errno: int, sqlstate: str, message: str, seq: int, with_state: bool) -> bytes:
-    """An ERR packet: ``FF u16le errno ['#' sqlstate] message`` (protocols.md 2.7).
+    """An ERR packet: ``FF u16le errno ['#' sqlstate] message`` (docs/protocols/mysql.md#err-format-by-phase).
 
     ``with_state`` must be False before the app has seen the greeting (libmysql would show the
     marker as text).  The message is made single-line printable ASCII here as well.
@@ -450,7 +458,7 @@ class HandshakeResponse:
         return flags + self.payload[4:]
 
     def ssl_request(self) -> bytes:
-        """The SSLRequest payload: the first 32 bytes with CLIENT_SSL set (2.4)."""
+        """The SSLRequest payload: the first 32 bytes with CLIENT_SSL set."""
         return self.with_ssl()[:_SSL_REQUEST_LENGTH]
 
     def with_auth_response(self, data: bytes) -> HandshakeResponse:
@@ -493,7 +501,7 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def parse_handshake_response(payload: bytes) -> HandshakeResponse:
-    """Parse a HandshakeResponse41 (2.4); raises AppProtocolError."""
+    """Parse a HandshakeResponse41; raises AppProtocolError."""
     if len(payload) < 4:
         raise AppProtocolError("the HandshakeResponse is truncated")
     flags = int.from_bytes(payload[0:4], "little")
@@ -796,7 +804,8 @@ class MySQLHandshake:
         if not greeting.capabilities & CLIENT_PROTOCOL_41:
             raise UpstreamProtocolError("the server does not speak the 4.1 protocol (CLIENT_PROTOCOL_41)")
         if self._server_buf:
-            # The server speaks once and waits; anything more is unauthenticated plaintext (rule 0.1).
+            # The server speaks once and waits; anything more is unauthenticated plaintext
+            # (docs/protocols/README.md#no-over-read).
             raise UpstreamProtocolError(
                 f"the server sent {len(self._server_buf)} unexpected bytes after its greeting; closing"
             )

@@ -11,7 +11,7 @@ machine per role.  Neither touches a socket: callers feed bytes in with
 (the shape of h11 and wsproto).  Everything here can be tested with bytes
 alone and fuzzed; the asyncio glue only moves bytes and acts on events.
 
-Roles and conversations (protocols.md section 1)::
+Roles and conversations (docs/protocols/postgres.md)::
 
     app                         dbmtls                          server
      |-- SSLRequest ------------>|                                |
@@ -25,7 +25,7 @@ Roles and conversations (protocols.md section 1)::
      |                           |-- StartupMessage (verbatim) -->|
      |<========= relay (BackendScanner watches for 'K' and 'Z') ==|
 
-``AppHandshake`` -- dbmtls as the *server* toward the app (section 1.3).
+``AppHandshake`` -- dbmtls as the *server* toward the app (docs/protocols/postgres.md#app-side).
   States: READING (at most one SSLRequest and one GSSENCRequest, each answered
   with ``Reply(b"N")``, in either order) -> STARTED (a StartupMessage was
   parsed; later bytes pile up in ``trailing_data``) or CANCEL (a
@@ -38,18 +38,18 @@ Roles and conversations (protocols.md section 1)::
   Why answer 'N': the app believes it talks to a plaintext server, exactly
   like PgBouncer with client TLS disabled.  Because the app side never
   switches to TLS, bytes pipelined after an SSLRequest are legitimately the
-  next packet, so we keep parsing them (rule 0.1's "no over-read" applies to
+  next packet, so we keep parsing them (docs/protocols/README.md#no-over-read applies to
   the *upstream* switch, and to the app side only if dbmtls ever terminated
   app TLS itself -- CVE-2021-23214).
 
-  Why parse the StartupMessage before going upstream: rule 0.2 -- the client
+  Why parse the StartupMessage before going upstream: docs/protocols/README.md#identity-before-handshake -- the client
   certificate is chosen per user, so ``user`` must be known before the
   upstream TLS handshake.  ``Startup.raw`` keeps the exact bytes because the
   server must see precisely what the app sent: libpq 19 "greases" with
   protocol 3.9999 and unknown ``_pq_.`` options and expects the server's
-  NegotiateProtocolVersion, which we merely relay (section 1.1).
+  NegotiateProtocolVersion, which we merely relay (docs/protocols/postgres.md#startup-packets).
 
-``UpstreamNegotiation`` -- dbmtls as the *client* toward the server (1.4),
+``UpstreamNegotiation`` -- dbmtls as the *client* toward the server (docs/protocols/postgres.md#upstream-upgrade),
   after it wrote ``SSL_REQUEST``.  The verdict is decided from the first byte:
   exactly ``b"S"`` -> ``"tls"``.  Anything buffered beyond that single byte was
   sent in plaintext *before* the TLS handshake and therefore cannot be
@@ -67,9 +67,9 @@ Roles and conversations (protocols.md section 1)::
 Error mapping: every app-side violation raises ``AppProtocolError``
 (SQLSTATE 08P01); upstream violations raise ``UpstreamProtocolError`` or
 ``TLSRefused``.  ``error_response`` renders any ``DbmtlsError`` as a pgwire
-ErrorResponse.  Per section 1.7, send it only *after* the StartupMessage was
-read (libpq in CONNECTION_AWAITING_RESPONSE shows it); before that -- in
-reply to an SSLRequest -- libpq would not display it, so just close.
+ErrorResponse.  libpq displays one once it waits for the answer to its startup
+packet; the session sends it for every failure except an app that speaks TLS
+to us, which can only be closed (docs/protocols/postgres.md#when-an-errorresponse-can-be-shown).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ __all__ = [
     "strip_scram_plus",
 ]
 
-# --- constants (pqcomm.h, protocols.md 1.1) --------------------------------------------
+# --- constants (pqcomm.h; docs/protocols/postgres.md#startup-packets) --------------------------------------------
 
 SSL_REQUEST_CODE: Final = 80877103  # 1234 << 16 | 5679
 GSSENC_REQUEST_CODE: Final = 80877104  # 1234 << 16 | 5680
@@ -204,7 +204,7 @@ class AppState(enum.Enum):
 
 
 class AppHandshake:
-    """Proxy as the SERVER toward the app (protocols.md 1.3).
+    """Proxy as the SERVER toward the app (docs/protocols/postgres.md#app-side).
 
     Drive it like h11: ``receive_data(chunk)`` then call ``next_event()`` until it returns
     ``NeedData`` (write every ``Reply.data``), a ``Startup``/``CancelRequest`` (go upstream), or
@@ -404,7 +404,7 @@ def _parse_startup_params(body: bytes) -> dict[str, str]:
     return params
 
 
-# --- the upstream side: dbmtls as client (protocols.md 1.2, 1.4) -------------------------
+# --- the upstream side: dbmtls as client (docs/protocols/postgres.md#upstream-upgrade) -------------------------
 
 
 @dataclass(frozen=True)
@@ -694,8 +694,8 @@ def strip_scram_plus(message: bytes) -> bytes:
     """Remove SCRAM-SHA-256-PLUS from an AuthenticationSASL message, recomputing the length.
 
     Channel binding cannot work through dbmtls: the app and the server see different TLS
-    sessions (protocols.md 1.5).  Returns ``message`` unchanged if it is not a well-formed
-    AuthenticationSASL, does not list -PLUS, or lists nothing else.
+    sessions (docs/protocols/postgres.md#scram-channel-binding).  Returns ``message`` unchanged if
+    it is not a well-formed AuthenticationSASL, does not list -PLUS, or lists nothing else.
     """
     if len(message) < 10 or message[0] != ord("R"):
         return message
@@ -725,7 +725,7 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.postgres:PostgresSession",
     wire_code=sqlstate,
     upgrade="`SSLRequest` → `S` → TLS (`directTls`: TLS first, PostgreSQL 17+)",
-    errors="`ErrorResponse` (FATAL, SQLSTATE) after the StartupMessage; a close before it",
+    errors="`ErrorResponse` (FATAL, SQLSTATE); a close only for a cancel or an app that speaks TLS",
     default_port=5432,
     well_known_ports=(5432,),
     alpn=("postgresql",),
