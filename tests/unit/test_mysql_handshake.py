@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dbmtls.errors import (
     AppProtocolError,
+    AppTLSError,
     DbmtlsError,
     IdentityError,
     TLSHandshakeError,
@@ -329,13 +330,15 @@ def test_oversized_handshake_response_is_refused_from_its_header() -> None:
     assert "65537-byte packet" in str(fail.error)
 
 
-def test_app_starting_tls_is_told_to_use_plaintext() -> None:
+def test_app_starting_tls_is_closed_and_the_log_says_use_plaintext() -> None:
     hs = MySQLHandshake()
     feed(hs, "server", packet(greeting(), 0))
     (fail,) = feed(hs, "app", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
     assert isinstance(fail, Fail)
+    assert isinstance(fail.error, AppTLSError)
     assert "TLS handshake" in str(fail.error)
-    assert b"ssl-mode=DISABLED" in fail.to_app
+    assert "ssl-mode=DISABLED" in (fail.error.hint or "")
+    assert fail.to_app == b""  # a TLS client cannot parse an ERR packet
 
 
 def test_app_closing_after_greeting_gets_a_hint() -> None:

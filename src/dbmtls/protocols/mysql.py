@@ -717,7 +717,10 @@ class MySQLHandshake:
         self._state = MySQLState.FAILED
         self._server_buf.clear()
         self._app_buf.clear()
-        self._events.append(Fail(err, self._err_for_app(err) if to_app is None else to_app))
+        if to_app is None:
+            # a TLS client cannot parse an ERR packet: it gets the close, the log says why
+            to_app = b"" if isinstance(err, AppTLSError) else self._err_for_app(err)
+        self._events.append(Fail(err, to_app))
 
     def _err_for_app(self, err: DbmtlsError) -> bytes:
         if not self._greeting_sent:
