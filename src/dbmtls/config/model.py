@@ -74,14 +74,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
 
 
-class HostPort(_Model):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
     """'h:p', '[v6]:p', or 'h' (with a default port) -> (host, port)."""
     text = text.strip()
