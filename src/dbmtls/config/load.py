@@ -31,8 +31,8 @@ def _loc(loc: Iterable[int | str]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or part.startswith("function-"):
-            continue
+        elif part.startswith("function-"):
+            continue  # a pydantic validator wrapper, not a YAML key
         else:
             out += f".{part}" if out else str(part)
     return out
