@@ -131,7 +131,37 @@ def run_demo(*, keep: bool = False) -> int:
 def _run(tmp: Path) -> int:
     print(f"{BOLD}dbmtls demo{RESET}: the app speaks plaintext Redis; dbmtls does the mutual TLS.")
     print(f"{DIM}working directory: {tmp}{RESET}")
+    ca, server, client = _certificates(tmp)
 
+    redis_port, listen_port = _free_port(), _free_port()
+    step(2, f"redis-server accepting only TLS with client certificates, on port {redis_port}")
+    print(f"   {DIM}port 0, tls-port {redis_port}, tls-auth-clients yes{RESET}")
+    with _process(_redis_command(tmp, ca, server, redis_port), tmp / "redis.log") as redis:
+        if not _started("redis-server", redis_port, tmp / "redis.log"):
+            return 1
+
+        step(3, "The app, as it is, talking plaintext to the mTLS-only Redis")
+        show_cmd(["redis-cli", "-h", "127.0.0.1", "-p", str(redis_port), "SET", "foo", "bar"], expect_ok=False)
+        print("   That is the write-up's 'Connection reset by peer'.")
+
+        step(4, "dbmtls with the write-up's DestinationRule (local paths)")
+        dbmtls_cmd = _dbmtls_command(tmp, listen_port, redis_port, client)
+        with _process(dbmtls_cmd, tmp / "dbmtls.log") as proxy:
+            if not _started("dbmtls", listen_port, tmp / "dbmtls.log"):
+                return 1
+            cli = ["redis-cli", "-h", "127.0.0.1", "-p", str(listen_port)]
+            ok = _through_dbmtls(cli, listen_port)
+            _server_gone(cli, redis)
+            _stop_and_show_log(proxy, tmp / "dbmtls.log")
+    if ok:
+        print(f"\n{GREEN}{BOLD}Demo passed:{RESET} refused without dbmtls, OK through it, no TLS options in the app.")
+        return 0
+    print(f"\n{RED}{BOLD}Demo failed:{RESET} expected OK and bar through dbmtls.")
+    return 1
+
+
+def _certificates(tmp: Path) -> tuple[Path, Path, Path]:
+    """Step 1: the CA, the server's and the client's directories."""
     step(1, "Certificates, shaped like the cert-manager Secrets of the write-up")
     ca = create_ca(tmp / "ca", common_name="demo CA")
     server_names = ["foo-redis-master", "localhost", "127.0.0.1"]
@@ -140,60 +170,58 @@ def _run(tmp: Path) -> int:
     print(f"   CA                   {ca}/ca.crt")
     print(f"   server (foo-redis)   {server}/tls.crt   names: {', '.join(server_names)}")
     print(f"   client (jinsu)       {client}/tls.crt, tls.key, ca.crt")
+    return ca, server, client
 
-    redis_port, listen_port = _free_port(), _free_port()
-    step(2, f"redis-server accepting only TLS with client certificates, on port {redis_port}")
-    redis_cmd = [
-        "redis-server", "--port", "0", "--tls-port", str(redis_port), "--bind", "127.0.0.1",
+
+def _redis_command(tmp: Path, ca: Path, server: Path, port: int) -> list[str]:
+    return [
+        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
         "--tls-cert-file", f"{server}/tls.crt", "--tls-key-file", f"{server}/tls.key",
         "--tls-ca-cert-file", f"{ca}/ca.crt", "--tls-auth-clients", "yes",
         "--save", "", "--appendonly", "no", "--dir", str(tmp),
     ]  # fmt: skip
-    print(f"   {DIM}port 0, tls-port {redis_port}, tls-auth-clients yes{RESET}")
-    with _process(redis_cmd, tmp / "redis.log") as redis:
-        if not _wait_port(redis_port):
-            print(f"{RED}redis-server did not start:{RESET}\n{(tmp / 'redis.log').read_text()}")
-            return 1
 
-        step(3, "The app, as it is, talking plaintext to the mTLS-only Redis")
-        show_cmd(["redis-cli", "-h", "127.0.0.1", "-p", str(redis_port), "SET", "foo", "bar"], expect_ok=False)
-        print("   That is the write-up's 'Connection reset by peer'.")
 
-        step(4, "dbmtls with the write-up's DestinationRule (local paths)")
-        dr = tmp / "destinationrule.yaml"
-        dr.write_text(DESTINATION_RULE.format(listen=listen_port, redis=redis_port, certs=client))
-        print(textwrap.indent(dr.read_text(), "   "))
-        admin = f"127.0.0.1:{_free_port()}"
-        cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(dr), "--admin", admin]
-        print(f"   {DIM}${RESET} dbmtls run -c {dr.name} --admin {admin}")
-        with _process(cmd, tmp / "dbmtls.log") as proxy:
-            if not _wait_port(listen_port):
-                print(f"{RED}dbmtls did not start:{RESET}\n{(tmp / 'dbmtls.log').read_text()}")
-                return 1
+def _started(what: str, port: int, log: Path) -> bool:
+    if _wait_port(port):
+        return True
+    print(f"{RED}{what} did not start:{RESET}\n{log.read_text()}")
+    return False
 
-            step(5, f"The same plaintext redis-cli, pointed at dbmtls on 127.0.0.1:{listen_port}")
-            cli = ["redis-cli", "-h", "127.0.0.1", "-p", str(listen_port)]
-            out = show_cmd([*cli, "SET", "foo", "bar"], expect_ok=True)
-            got = show_cmd([*cli, "GET", "foo"], expect_ok=True)
-            ok = out == "OK" and got == "bar"
 
-            step(6, "When something is wrong, the app is told what, in Redis's own words")
-            redis.terminate()
-            redis.wait(timeout=10)
-            print("   (redis-server stopped)")
-            show_cmd([*cli, "GET", "foo"], expect_ok=False)
+def _dbmtls_command(tmp: Path, listen_port: int, redis_port: int, client: Path) -> list[str]:
+    """Step 4: write and show the DestinationRule; the command that runs dbmtls with it."""
+    dr = tmp / "destinationrule.yaml"
+    dr.write_text(DESTINATION_RULE.format(listen=listen_port, redis=redis_port, certs=client))
+    print(textwrap.indent(dr.read_text(), "   "))
+    admin = f"127.0.0.1:{_free_port()}"
+    print(f"   {DIM}${RESET} dbmtls run -c {dr.name} --admin {admin}")
+    return [sys.executable, "-m", "dbmtls", "run", "-c", str(dr), "--admin", admin]
 
-            print(f"\n{BOLD}dbmtls log{RESET}")
-            proxy.send_signal(signal.SIGTERM)
-            code = proxy.wait(timeout=40)
-            for line in (tmp / "dbmtls.log").read_text().splitlines():
-                print(f"   {DIM}{line}{RESET}")
-            print(f"   dbmtls exited with code {code} after SIGTERM")
-    if ok:
-        print(f"\n{GREEN}{BOLD}Demo passed:{RESET} refused without dbmtls, OK through it, no TLS options in the app.")
-        return 0
-    print(f"\n{RED}{BOLD}Demo failed:{RESET} expected OK and bar through dbmtls.")
-    return 1
+
+def _through_dbmtls(cli: list[str], listen_port: int) -> bool:
+    """Step 5; True when Redis answered as it should."""
+    step(5, f"The same plaintext redis-cli, pointed at dbmtls on 127.0.0.1:{listen_port}")
+    out = show_cmd([*cli, "SET", "foo", "bar"], expect_ok=True)
+    got = show_cmd([*cli, "GET", "foo"], expect_ok=True)
+    return out == "OK" and got == "bar"
+
+
+def _server_gone(cli: list[str], redis: subprocess.Popen[bytes]) -> None:
+    step(6, "When something is wrong, the app is told what, in Redis's own words")
+    redis.terminate()
+    redis.wait(timeout=10)
+    print("   (redis-server stopped)")
+    show_cmd([*cli, "GET", "foo"], expect_ok=False)
+
+
+def _stop_and_show_log(proxy: subprocess.Popen[bytes], log: Path) -> None:
+    print(f"\n{BOLD}dbmtls log{RESET}")
+    proxy.send_signal(signal.SIGTERM)
+    code = proxy.wait(timeout=40)
+    for line in log.read_text().splitlines():
+        print(f"   {DIM}{line}{RESET}")
+    print(f"   dbmtls exited with code {code} after SIGTERM")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,8 +113,8 @@ def _protocol_for(port: int | None, host: str, annotations: dict[str, Any], sour
     )
 
 
-def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[str, Any], str]]:
-    """Return raw database dicts (to be validated by the model), each with its YAML path prefix."""
+def _checked_rule(doc: dict[str, Any], source: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """The rule's name, host, annotations and traffic policy, once nothing in it is unsupported."""
     api = doc.get("apiVersion")
     if api not in API_VERSIONS:
         raise _err(source, "apiVersion", f"unsupported DestinationRule apiVersion {api!r}; one of {API_VERSIONS}")
@@ -142,7 +142,11 @@ def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[st
     unknown = set(policy) - _IGNORED_POLICY - {"tls", "portLevelSettings"}
     if unknown:
         raise _err(source, f"spec.trafficPolicy.{sorted(unknown)[0]}", "unknown field in TrafficPolicy")
+    return name, host, annotations, policy
 
+
+def _tls_targets(policy: dict[str, Any], source: str) -> list[tuple[int | None, Any, str]]:
+    """(port, TLS settings, their YAML path) per database; port None: the protocol's default."""
     default_tls = policy.get("tls")
     per_port: list[tuple[int, Any, str]] = []
     for i, pls in enumerate(policy.get("portLevelSettings") or []):
@@ -159,6 +163,13 @@ def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[st
         if default_tls is None:
             raise _err(source, "spec.trafficPolicy.tls", "no TLS settings: nothing for dbmtls to do")
         targets = [(None, default_tls, "spec.trafficPolicy.tls")]
+    return targets
+
+
+def map_destination_rule(doc: dict[str, Any], source: str) -> list[tuple[dict[str, Any], str]]:
+    """Return raw database dicts (to be validated by the model), each with its YAML path prefix."""
+    name, host, annotations, policy = _checked_rule(doc, source)
+    targets = _tls_targets(policy, source)
 
     out: list[tuple[dict[str, Any], str]] = []
     for port, tls, tls_path in targets:

@@ -10,9 +10,10 @@ listeners).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import yaml
 from pydantic import ValidationError
@@ -30,8 +31,8 @@ def _loc(loc: Iterable[int | str]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or part.startswith("function-"):
-            continue
+        elif part.startswith("function-"):
+            continue  # a pydantic validator wrapper, not a YAML key
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -93,105 +94,156 @@ def _database_from_dict(raw: dict[str, Any], source: str, prefix: str, tls_path:
         raise _from_validation(exc, source, "spec") from None
 
 
+_Override: TypeAlias = tuple[str, str, dict[str, Any]]  # (source, database name, fields)
+
+
+@dataclass
+class _Entry:
+    db: DatabaseConfig
+    # (file, YAML path) of the database's name and of its listener: an error about two
+    # databases must point at both, and they may come from different files.
+    name_at: tuple[str, str]
+    listen_at: tuple[str, str]
+
+
+@dataclass
+class _Collected:
+    entries: list[_Entry] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+    overrides: list[_Override] = field(default_factory=list)
+
+
 def load_config(paths: Sequence[str | Path]) -> Config:
+    """Read, merge and validate ``paths`` in order; a ConfigError names the file and YAML path."""
     if not paths:
         raise ConfigError("no configuration file given (use -c FILE)")
-    databases: list[DatabaseConfig] = []
-    # (file, YAML path) of each database and of its listener, for cross-file errors
-    origins: list[tuple[str, str]] = []
-    listen_origins: list[tuple[str, str]] = []
-    sections: dict[str, Any] = {}
-    overrides: list[tuple[str, str, dict[str, Any]]] = []
+    collected = _Collected()
     for p in paths:
-        path = Path(p)
-        source = str(path)
-        docs = _load_documents(path)
-        if not docs:
-            raise ConfigError("the file is empty", source=source)
-        for n, doc in enumerate(docs):
-            src = source if len(docs) == 1 else f"{source} (document {n + 1})"
-            if not isinstance(doc, dict):
-                raise ConfigError("expected a mapping at the top level", source=src)
+        for doc, src in _documents(Path(p)):
             if is_destination_rule(doc):
-                for raw, tls_path in map_destination_rule(doc, src):
-                    databases.append(_database_from_dict(raw, src, "", tls_path))
-                    origins.append((src, "metadata.name"))
-                    annotations = (doc.get("metadata") or {}).get("annotations") or {}
-                    from_annotation = annotations.get("dbmtls.io/listen") == raw["listen"]
-                    listen_origins.append((src, "metadata.annotations.dbmtls.io/listen" if from_annotation else "spec"))
-                continue
-            if "kind" in doc or "apiVersion" in doc:
-                raise ConfigError(
-                    f"unsupported document kind {doc.get('kind')!r}: expected a dbmtls config "
-                    "or a networking.istio.io DestinationRule",
-                    source=src,
-                )
-            unknown = set(doc) - _TOP_LEVEL
-            if unknown:
-                raise ConfigError("unknown field (check the spelling)", source=src, path=sorted(unknown)[0])
-            dbs = doc.get("databases") or []
-            if not isinstance(dbs, list):
-                raise ConfigError("must be a list", source=src, path="databases")
-            for i, raw in enumerate(dbs):
-                if not isinstance(raw, dict):
-                    raise ConfigError("must be a mapping", source=src, path=f"databases[{i}]")
-                databases.append(_database_from_dict(raw, src, f"databases[{i}]", None))
-                origins.append((src, f"databases[{i}].name"))
-                listen_origins.append((src, f"databases[{i}].listen"))
-            rest = {k: v for k, v in doc.items() if k not in ("databases", "overrides")}
-            try:
-                Config.model_validate(rest)
-            except ValidationError as exc:
-                raise _from_validation(exc, src) from None
-            sections.update(rest)
-            ov = doc.get("overrides") or {}
-            if not isinstance(ov, dict):
-                raise ConfigError("must be a mapping of database name to fields", source=src, path="overrides")
-            for name, fields in ov.items():
-                if not isinstance(fields, dict) or set(fields) - _OVERRIDE_FIELDS:
-                    raise ConfigError(
-                        f"an override may set only {', '.join(sorted(_OVERRIDE_FIELDS))}",
-                        source=src,
-                        path=f"overrides.{name}",
-                    )
-                overrides.append((src, str(name), fields))
+                _collect_destination_rule(doc, src, collected)
+            else:
+                _collect_config(doc, src, collected)
+    _apply_overrides(collected, _index_by_name(collected.entries))
+    _check_listeners(collected.entries)
+    try:
+        return Config.model_validate({**collected.sections, "databases": [e.db for e in collected.entries]})
+    except ValidationError as exc:
+        raise _from_validation(exc, ", ".join(str(p) for p in paths)) from None
 
-    by_name: dict[str, int] = {}
-    for i, db in enumerate(databases):
-        if db.name in by_name:
-            first_src, first_path = origins[by_name[db.name]]
+
+def _documents(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """Each document of a file, with the source its errors name.
+
+    A generator, so that a document's errors are reported before the next
+    document is checked or the next file read.
+    """
+    source = str(path)
+    docs = _load_documents(path)
+    if not docs:
+        raise ConfigError("the file is empty", source=source)
+    for n, doc in enumerate(docs):
+        src = source if len(docs) == 1 else f"{source} (document {n + 1})"
+        if not isinstance(doc, dict):
+            raise ConfigError("expected a mapping at the top level", source=src)
+        yield doc, src
+
+
+def _collect_destination_rule(doc: dict[str, Any], src: str, collected: _Collected) -> None:
+    mapped = map_destination_rule(doc, src)
+    annotations = (doc.get("metadata") or {}).get("annotations") or {}
+    for raw, tls_path in mapped:
+        db = _database_from_dict(raw, src, "", tls_path)
+        from_annotation = annotations.get("dbmtls.io/listen") == raw["listen"]
+        listen_path = "metadata.annotations.dbmtls.io/listen" if from_annotation else "spec"
+        collected.entries.append(_Entry(db, (src, "metadata.name"), (src, listen_path)))
+
+
+def _collect_config(doc: dict[str, Any], src: str, collected: _Collected) -> None:
+    if "kind" in doc or "apiVersion" in doc:
+        raise ConfigError(
+            f"unsupported document kind {doc.get('kind')!r}: expected a dbmtls config "
+            "or a networking.istio.io DestinationRule",
+            source=src,
+        )
+    unknown = set(doc) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError("unknown field (check the spelling)", source=src, path=sorted(unknown)[0])
+    dbs = doc.get("databases") or []
+    if not isinstance(dbs, list):
+        raise ConfigError("must be a list", source=src, path="databases")
+    for i, raw in enumerate(dbs):
+        if not isinstance(raw, dict):
+            raise ConfigError("must be a mapping", source=src, path=f"databases[{i}]")
+        db = _database_from_dict(raw, src, f"databases[{i}]", None)
+        collected.entries.append(_Entry(db, (src, f"databases[{i}].name"), (src, f"databases[{i}].listen")))
+    rest = {k: v for k, v in doc.items() if k not in ("databases", "overrides")}
+    try:
+        Config.model_validate(rest)
+    except ValidationError as exc:
+        raise _from_validation(exc, src) from None
+    collected.sections.update(rest)
+    collected.overrides += _overrides(doc, src)
+
+
+def _overrides(doc: dict[str, Any], src: str) -> list[_Override]:
+    ov = doc.get("overrides") or {}
+    if not isinstance(ov, dict):
+        raise ConfigError("must be a mapping of database name to fields", source=src, path="overrides")
+    out: list[_Override] = []
+    for name, fields in ov.items():
+        if not isinstance(fields, dict) or set(fields) - _OVERRIDE_FIELDS:
             raise ConfigError(
-                f"database name {db.name!r} is already used by {first_path} in {first_src}",
-                source=origins[i][0],
-                path=origins[i][1],
+                f"an override may set only {', '.join(sorted(_OVERRIDE_FIELDS))}",
+                source=src,
+                path=f"overrides.{name}",
             )
-        by_name[db.name] = i
-    for src, name, fields in overrides:
+        out.append((src, str(name), fields))
+    return out
+
+
+def _index_by_name(entries: list[_Entry]) -> dict[str, int]:
+    by_name: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        name = entry.db.name
+        if name in by_name:
+            first_src, first_path = entries[by_name[name]].name_at
+            raise ConfigError(
+                f"database name {name!r} is already used by {first_path} in {first_src}",
+                source=entry.name_at[0],
+                path=entry.name_at[1],
+            )
+        by_name[name] = i
+    return by_name
+
+
+def _apply_overrides(collected: _Collected, by_name: dict[str, int]) -> None:
+    for src, name, fields in collected.overrides:
         if name not in by_name:
             raise ConfigError(
                 f"no database named {name!r} (known: {', '.join(sorted(by_name)) or 'none'})",
                 source=src,
                 path=f"overrides.{name}",
             )
-        i = by_name[name]
-        merged = databases[i].model_dump(by_alias=True, exclude_unset=True)
+        entry = collected.entries[by_name[name]]
+        merged = entry.db.model_dump(by_alias=True, exclude_unset=True)
         merged.update(fields)
-        databases[i] = _database_from_dict(merged, src, f"overrides.{name}", None)
+        entry.db = _database_from_dict(merged, src, f"overrides.{name}", None)
         if "listen" in fields:
-            listen_origins[i] = (src, f"overrides.{name}.listen")
-    listeners: dict[str, int] = {}
-    for i, db in enumerate(databases):
-        if db.listen in listeners:
-            j = listeners[db.listen]
-            first_src, first_path = listen_origins[j]
+            entry.listen_at = (src, f"overrides.{name}.listen")
+
+
+def _check_listeners(entries: list[_Entry]) -> None:
+    listeners: dict[str, _Entry] = {}
+    for entry in entries:
+        listen = entry.db.listen
+        if listen in listeners:
+            first = listeners[listen]
+            first_src, first_path = first.listen_at
             raise ConfigError(
-                f"{db.listen} is already the listener of {databases[j].name!r} ({first_path} in {first_src}); "
+                f"{listen} is already the listener of {first.db.name!r} ({first_path} in {first_src}); "
                 "every database needs its own listen address",
-                source=listen_origins[i][0],
-                path=listen_origins[i][1],
+                source=entry.listen_at[0],
+                path=entry.listen_at[1],
             )
-        listeners[db.listen] = i
-    try:
-        return Config.model_validate({**sections, "databases": databases})
-    except ValidationError as exc:
-        raise _from_validation(exc, ", ".join(str(p) for p in paths)) from None
+        listeners[listen] = entry

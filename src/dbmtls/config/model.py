@@ -1,7 +1,8 @@
 """Typed, frozen configuration models.
 
-Validation lives here and only here; loading (YAML, merging files, Istio
-DestinationRules) lives in ``load.py``.  Field names are the YAML names
+Validation of values lives here; loading (YAML, merging files, Istio
+DestinationRules) lives in ``load.py``, with the checks across files whose
+errors must name the file a database came from.  Field names are the YAML names
 (camelCase, like Istio's ClientTLSSettings), so a pydantic error location
 is already the YAML path a user can find in the file.  Unknown fields are
 errors: a typo such as ``clientCertficate`` must not silently mean "no cert".
@@ -54,14 +55,6 @@ class FieldError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
-
-
-class HostPort(_Model):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:

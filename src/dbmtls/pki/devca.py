@@ -135,16 +135,7 @@ def issue(
     the start (or after now, whichever is later).
     """
     names = [n.strip() for n in server_names]
-    if any(not n for n in names):
-        raise ValueError("server_names must not contain empty names")
-    if client_cn is not None and not client_cn.strip():
-        raise ValueError("client_cn must not be empty")
-    if not names and client_cn is None:
-        raise ValueError("give server_names, client_cn, or both")
-    if days <= 0:
-        raise ValueError(f"days must be positive, got {days}")
-    if serial is not None and not 0 < serial < MAX_SERIAL:
-        raise ValueError("serial must be a positive integer below 2**159 (20 octets)")
+    _check_leaf_request(names, client_cn, days, serial)
     out = Path(out_dir)
     if out.resolve() == Path(ca_dir).resolve():
         # The CA directory's tls.* are the CA itself; overwriting them with a
@@ -153,37 +144,8 @@ def issue(
 
     ca_cert, ca_key = load_ca(ca_dir)
     key = _generate_key(key_type)
-    start, end = _validity(days, not_before, not_after)
-
-    sans: list[x509.GeneralName] = [_san(n) for n in names]
-    if client_cn is not None and _is_dnsish(client_cn):
-        sans.append(x509.DNSName(client_cn))
-    sans = list(dict.fromkeys(sans))  # dedupe, keep order (client_cn may also be a server name)
-
-    usages: list[x509.ObjectIdentifier] = []
-    if names:
-        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-    if client_cn is not None:
-        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-
-    subject = x509.Name([_cn(client_cn if client_cn is not None else names[0])])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(serial if serial is not None else x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False, rsa_key=isinstance(key, rsa.RSAPrivateKey)), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(_aki(ca_cert), critical=False)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
+    validity = _validity(days, not_before, not_after)
+    cert = _sign_leaf(ca_cert, ca_key, key, names, client_cn, serial=serial, validity=validity)
 
     _ensure_dir(out)
     # ca.crt first (a reloader that sees the new leaf can already verify it),
@@ -267,6 +229,63 @@ def _validity(
     if end <= start:
         raise ValueError(f"not_after ({end.isoformat()}) must be after not_before ({start.isoformat()})")
     return start, end
+
+
+def _check_leaf_request(names: Sequence[str], client_cn: str | None, days: int, serial: int | None) -> None:
+    """ValueError for arguments that are wrong whatever the CA holds: checked before it is read."""
+    if any(not n for n in names):
+        raise ValueError("server_names must not contain empty names")
+    if client_cn is not None and not client_cn.strip():
+        raise ValueError("client_cn must not be empty")
+    if not names and client_cn is None:
+        raise ValueError("give server_names, client_cn, or both")
+    if days <= 0:
+        raise ValueError(f"days must be positive, got {days}")
+    if serial is not None and not 0 < serial < MAX_SERIAL:
+        raise ValueError("serial must be a positive integer below 2**159 (20 octets)")
+
+
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    key: PrivateKey,
+    names: Sequence[str],
+    client_cn: str | None,
+    *,
+    serial: int | None,
+    validity: tuple[dt.datetime, dt.datetime],
+) -> x509.Certificate:
+    """The leaf certificate ``issue`` describes, signed with ``ca_key``."""
+    sans: list[x509.GeneralName] = [_san(n) for n in names]
+    if client_cn is not None and _is_dnsish(client_cn):
+        sans.append(x509.DNSName(client_cn))
+    sans = list(dict.fromkeys(sans))  # dedupe, keep order (client_cn may also be a server name)
+
+    usages: list[x509.ObjectIdentifier] = []
+    if names:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    if client_cn is not None:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+
+    subject = x509.Name([_cn(client_cn if client_cn is not None else names[0])])
+    start, end = validity
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False, rsa_key=isinstance(key, rsa.RSAPrivateKey)), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_aki(ca_cert), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _generate_key(key_type: KeyType) -> PrivateKey:

@@ -39,7 +39,6 @@ class Material:
     default: ssl.SSLContext | None
     by_user: dict[str, ssl.SSLContext]
     certs: tuple[CertInfo, ...]
-    loaded_at: float
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -120,14 +119,14 @@ class ClientTLS:
             where = "caCertificates" if exc.filename == t.caCertificates else "privateKey"
             raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}", path=f"{yaml_path}.{where}") from None
 
-    def build(self, now: dt.datetime | None = None) -> Material:
+    def build(self) -> Material:
         """Read and validate every file; raise ConfigError naming the file and what is wrong."""
-        now = now or _now()
+        now = _now()
         t = self.db.tls
         certs: list[CertInfo] = []
         warnings: list[str] = []
         if not self.enabled:
-            return Material(None, {}, (), now.timestamp())
+            return Material(None, {}, ())
         if t.caCertificates and not t.insecureSkipVerify:
             for c in _read_certs(t.caCertificates, "CA bundle", "tls.caCertificates"):
                 certs.append(_info("ca", t.caCertificates, c))
@@ -160,7 +159,7 @@ class ClientTLS:
                 by_user[who] = ctx
         if default is None and not pairs:
             default = self._context(None, "tls")  # SIMPLE: server verification only
-        return Material(default, by_user, tuple(certs), now.timestamp(), tuple(warnings))
+        return Material(default, by_user, tuple(certs), tuple(warnings))
 
     def load(self) -> Material:
         """Build and swap in new material; on error keep the old one and re-raise."""
