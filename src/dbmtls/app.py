@@ -7,6 +7,7 @@ exits 0 when it is over; SIGHUP reloads the certificate files.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 
 import uvloop
@@ -27,11 +28,12 @@ class App:
         self.reloader: Reloader | None = None
         self._shutdown: asyncio.Task[None] | None = None
 
-    def request_shutdown(self, why: str) -> None:
+    def request_shutdown(self, why: str, *, from_signal: bool = False) -> None:
+        """Start the graceful drain; a second *signal* during the drain closes everything now."""
         if self._shutdown is None:
             LOG.info("shutting down", extra={"fields": {"why": why}})
             self._shutdown = asyncio.get_running_loop().create_task(self._drain())
-        elif why.startswith("SIG"):
+        elif from_signal:
             # a second signal during the drain: the operator wants out now
             LOG.warning("second signal: closing all connections now", extra={"fields": {"why": why}})
             self.proxy.close_all()
@@ -47,7 +49,7 @@ class App:
         loop = asyncio.get_running_loop()
         await self.proxy.start()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-            loop.add_signal_handler(sig, self.request_shutdown, name)
+            loop.add_signal_handler(sig, functools.partial(self.request_shutdown, name, from_signal=True))
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         await self._start_extras()
         LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
