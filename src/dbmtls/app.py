@@ -25,7 +25,10 @@ class App:
         self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
         self.proxy = Proxy(config)
         self.admin: AdminServer | None = None
-        self.reloader: Reloader | None = None
+        self.reloader = Reloader(
+            {name: rt.tls for name, rt in self.proxy.runtimes.items()},
+            expiry_warning=config.certificateExpiryWarning,
+        )
         self._shutdown: asyncio.Task[None] | None = None
 
     def request_shutdown(self, why: str, *, from_signal: bool = False) -> None:
@@ -42,8 +45,7 @@ class App:
         await self.proxy.drain(self.config.drainTimeout)
 
     def reload(self, why: str) -> None:
-        if self.reloader is not None:
-            self.reloader.reload_all(why)
+        self.reloader.reload_all(why)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -60,15 +62,13 @@ class App:
 
     async def _start_extras(self) -> None:
         """Certificate reloader and admin server, started once the listeners are bound."""
-        self.reloader = Reloader(self.proxy)
         await self.reloader.start()
         if self.admin_listen != "off":
             self.admin = AdminServer(self, self.admin_listen)
             await self.admin.start()
 
     async def _stop_extras(self) -> None:
-        if self.reloader is not None:
-            await self.reloader.stop()
+        await self.reloader.stop()
         if self.admin is not None:
             await self.admin.stop()
 

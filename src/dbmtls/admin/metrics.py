@@ -89,8 +89,8 @@ class DbmtlsCollector(Collector):
             for reason in sorted(set(FAILURE_REASONS) | set(s.handshake_failures)):
                 failures.add_metric([rt.name, reason.value], s.handshake_failures.get(reason, 0))
             app_errors.add_metric([rt.name], s.app_protocol_errors)
-            reloads.add_metric([rt.name, "success"], s.reloads_ok)
-            reloads.add_metric([rt.name, "failure"], s.reloads_failed)
+            reloads.add_metric([rt.name, "success"], self.app.reloader.counts[rt.name].success)
+            reloads.add_metric([rt.name, "failure"], self.app.reloader.counts[rt.name].failure)
             m = rt.tls.material
             loaded.add_metric([rt.name], 1.0 if (m is not None or not rt.tls.enabled) else 0.0)
             listening.add_metric([rt.name], 1.0 if rt.listening else 0.0)

@@ -25,14 +25,12 @@ import datetime as dt
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG
-from dbmtls.proxy.runtime import DatabaseRuntime
-
-if TYPE_CHECKING:
-    from dbmtls.proxy.server import Proxy
+from dbmtls.tls.material import ClientTLS
 
 POLL_INTERVAL = 10.0
 EXPIRY_LOG_INTERVAL = 3600.0
@@ -51,18 +49,38 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class ReloadCounts:
+    """Reload attempts of one database by result (``dbmtls_certificate_reloads_total``)."""
+
+    success: int = 0
+    failure: int = 0
+
+
 class Reloader:
-    def __init__(self, proxy: Proxy, *, poll_interval: float = POLL_INTERVAL) -> None:
-        self.proxy = proxy
+    """Watches the files of every database's ``ClientTLS`` and reloads them when they change.
+
+    It is given exactly what it needs: the TLS holders by database name and the
+    expiry-warning window.  It owns its reload counters (``counts``), which the
+    metrics collector reads.
+    """
+
+    def __init__(
+        self, tls: Mapping[str, ClientTLS], *, expiry_warning: float, poll_interval: float = POLL_INTERVAL
+    ) -> None:
+        self.tls = dict(tls)
+        self.expiry_warning = dt.timedelta(seconds=expiry_warning)
         self.poll_interval = poll_interval
+        self.counts = {name: ReloadCounts() for name in self.tls}
         self._seen: dict[str, str] = {}
         self._expiry_logged: dict[tuple[str, str], float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
-        for rt in proxy.runtimes.values():
-            self._seen[rt.name] = fingerprint(rt.tls.files())
 
     async def start(self) -> None:
+        """Take the files as they are now as the baseline (the material was just loaded) and start watching."""
+        for name, tls in self.tls.items():
+            self._seen[name] = fingerprint(tls.files())
         loop = asyncio.get_running_loop()
         existing = self._watched_dirs()
         if existing:
@@ -71,7 +89,7 @@ class Reloader:
         self.check_expiry()
 
     def _watched_dirs(self) -> list[str]:
-        files = [p for rt in self.proxy.runtimes.values() for p in rt.tls.files()]
+        files = [p for tls in self.tls.values() for p in tls.files()]
         dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in files})
         return [d for d in dirs if os.path.isdir(d)]
 
@@ -103,53 +121,53 @@ class Reloader:
             self.check_expiry()
 
     def reload_all(self, why: str, *, force: bool = True) -> None:
-        for rt in self.proxy.runtimes.values():
-            self.reload_one(rt, why, force=force)
+        for name in self.tls:
+            self.reload_one(name, why, force=force)
 
-    def reload_one(self, rt: DatabaseRuntime, why: str, *, force: bool) -> bool | None:
+    def reload_one(self, name: str, why: str, *, force: bool) -> bool | None:
         """Try to reload one database; None when nothing changed."""
-        if not rt.tls.enabled:
+        tls = self.tls[name]
+        if not tls.enabled:
             return None
-        fp = fingerprint(rt.tls.files())
-        if not force and fp == self._seen.get(rt.name):
+        fp = fingerprint(tls.files())
+        if not force and fp == self._seen.get(name):
             return None  # unchanged (if broken, it was reported when it changed)
-        self._seen[rt.name] = fp
+        self._seen[name] = fp
         try:
-            material = rt.tls.load()
+            material = tls.load()
         except ConfigError as exc:
-            rt.stats.reloads_failed += 1
-            kept = "keeping the previous certificates" if rt.tls.material is not None else "nothing loaded yet"
+            self.counts[name].failure += 1
+            kept = "keeping the previous certificates" if tls.material is not None else "nothing loaded yet"
             LOG.error(
                 f"certificate reload failed, {kept}",
-                extra={"fields": {"db": rt.name, "trigger": why, "error": exc.message}},
+                extra={"fields": {"db": name, "trigger": why, "error": exc.message}},
             )
             return False
-        rt.stats.reloads_ok += 1
+        self.counts[name].success += 1
         for w in material.warnings:
-            LOG.warning(w, extra={"fields": {"db": rt.name}})
+            LOG.warning(w, extra={"fields": {"db": name}})
         serials = ",".join(f"{c.kind}:{c.serial:x}" for c in material.certs)
-        LOG.info("certificates reloaded", extra={"fields": {"db": rt.name, "trigger": why, "serials": serials}})
+        LOG.info("certificates reloaded", extra={"fields": {"db": name, "trigger": why, "serials": serials}})
         self.check_expiry()
         return True
 
     def check_expiry(self) -> None:
         """Warn about certificates close to expiry (at most hourly per certificate)."""
         now = dt.datetime.now(dt.UTC)
-        window = dt.timedelta(seconds=self.proxy.config.certificateExpiryWarning)
-        for rt in self.proxy.runtimes.values():
-            m = rt.tls.material
+        for name, tls in self.tls.items():
+            m = tls.material
             if m is None:
                 continue
             for c in m.certs:
                 left = c.not_after - now
-                if left > window:
+                if left > self.expiry_warning:
                     continue
-                key = (rt.name, f"{c.path}:{c.serial}")
+                key = (name, f"{c.path}:{c.serial}")
                 last = self._expiry_logged.get(key)
                 if last is not None and time.monotonic() - last < EXPIRY_LOG_INTERVAL:
                     continue
                 self._expiry_logged[key] = time.monotonic()
-                fields = {"db": rt.name, "kind": c.kind, "path": c.path, "not_after": c.not_after.isoformat()}
+                fields = {"db": name, "kind": c.kind, "path": c.path, "not_after": c.not_after.isoformat()}
                 if left.total_seconds() <= 0:
                     LOG.error("certificate has expired", extra={"fields": fields})
                 else:
