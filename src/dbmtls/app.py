@@ -9,17 +9,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+from collections.abc import Mapping
 
 import uvloop
 
 from dbmtls.admin.server import AdminServer
 from dbmtls.config.model import Config
 from dbmtls.logs import LOG
+from dbmtls.proxy.runtime import DatabaseRuntime
 from dbmtls.proxy.server import Proxy
-from dbmtls.tls.reload import Reloader
+from dbmtls.tls.reload import ReloadCounts, Reloader
 
 
 class App:
+    """The process; implements ``dbmtls.admin.control.Control`` for the admin server and metrics."""
+
     def __init__(self, config: Config, *, admin_listen: str | None = None) -> None:
         self.config = config
         self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
@@ -31,6 +35,28 @@ class App:
         )
         self._shutdown: asyncio.Task[None] | None = None
 
+    # --- dbmtls.admin.control.Control ------------------------------------------------
+
+    @property
+    def runtimes(self) -> Mapping[str, DatabaseRuntime]:
+        return self.proxy.runtimes
+
+    @property
+    def reload_counts(self) -> Mapping[str, ReloadCounts]:
+        return self.reloader.counts
+
+    def readiness(self) -> list[str]:
+        """Why the process is not ready (empty: ready)."""
+        problems = []
+        if self.proxy.draining:
+            problems.append("draining: shutting down")
+        for rt in self.proxy.runtimes.values():
+            if not rt.listening:
+                problems.append(f"{rt.name}: listener {rt.db.listen} not bound")
+            if rt.tls.enabled and rt.tls.material is None:
+                problems.append(f"{rt.name}: TLS material not loaded: {rt.tls.last_error or 'not loaded yet'}")
+        return problems
+
     def request_shutdown(self, why: str, *, from_signal: bool = False) -> None:
         """Start the graceful drain; a second *signal* during the drain closes everything now."""
         if self._shutdown is None:
@@ -41,11 +67,13 @@ class App:
             LOG.warning("second signal: closing all connections now", extra={"fields": {"why": why}})
             self.proxy.close_all()
 
-    async def _drain(self) -> None:
-        await self.proxy.drain(self.config.drainTimeout)
-
     def reload(self, why: str) -> None:
         self.reloader.reload_all(why)
+
+    # --- running ---------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        await self.proxy.drain(self.config.drainTimeout)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

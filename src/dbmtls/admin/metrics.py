@@ -9,7 +9,6 @@ therefore cost nothing on the hot path whether or not anyone scrapes them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,11 +20,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dbmtls import __version__
+from dbmtls.admin.control import Control
 from dbmtls.errors import CONNECTION_FAILURES, Reason
 from dbmtls.proxy.runtime import DURATION_BUCKETS, Histogram
-
-if TYPE_CHECKING:
-    from dbmtls.app import App
+from dbmtls.tls.reload import ReloadCounts
 
 # Every failure reason a connection can end with, so dashboards see zeros, not gaps
 # (protocol violations by the app have their own metric).
@@ -46,11 +44,11 @@ def _histogram(name: str, doc: str, per_db: Iterable[tuple[str, Histogram]]) -> 
 
 
 class DbmtlsCollector(Collector):
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def collect(self) -> Iterator[Metric]:
-        rts = list(self.app.proxy.runtimes.values())
+        rts = list(self.control.runtimes.values())
         accepted = CounterMetricFamily("dbmtls_connections_accepted", "App connections accepted.", labels=["database"])
         closed = CounterMetricFamily("dbmtls_connections_closed", "App connections closed.", labels=["database"])
         active = GaugeMetricFamily("dbmtls_connections_active", "App connections open now.", labels=["database"])
@@ -89,8 +87,9 @@ class DbmtlsCollector(Collector):
             for reason in sorted(set(FAILURE_REASONS) | set(s.handshake_failures)):
                 failures.add_metric([rt.name, reason.value], s.handshake_failures.get(reason, 0))
             app_errors.add_metric([rt.name], s.app_protocol_errors)
-            reloads.add_metric([rt.name, "success"], self.app.reloader.counts[rt.name].success)
-            reloads.add_metric([rt.name, "failure"], self.app.reloader.counts[rt.name].failure)
+            counts = self.control.reload_counts.get(rt.name, ReloadCounts())
+            reloads.add_metric([rt.name, "success"], counts.success)
+            reloads.add_metric([rt.name, "failure"], counts.failure)
             m = rt.tls.material
             loaded.add_metric([rt.name], 1.0 if (m is not None or not rt.tls.enabled) else 0.0)
             listening.add_metric([rt.name], 1.0 if rt.listening else 0.0)
@@ -113,9 +112,9 @@ class DbmtlsCollector(Collector):
         yield info
 
 
-def make_registry(app: App) -> CollectorRegistry:
+def make_registry(control: Control) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DbmtlsCollector(app))
+    registry.register(DbmtlsCollector(control))
     return registry
 
 

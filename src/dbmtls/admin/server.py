@@ -23,15 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
 
+from dbmtls.admin.control import Control
 from dbmtls.admin.metrics import make_registry, render
 from dbmtls.config.model import split_host_port
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG, set_level
-
-if TYPE_CHECKING:
-    from dbmtls.app import App
 
 MAX_HEAD = 8192
 MAX_BODY = 1024
@@ -46,24 +43,11 @@ _REASONS = {
 }
 
 
-def readiness(app: App) -> list[str]:
-    """Why the process is not ready (empty: ready)."""
-    problems = []
-    if app.proxy.draining:
-        problems.append("draining: shutting down")
-    for rt in app.proxy.runtimes.values():
-        if not rt.listening:
-            problems.append(f"{rt.name}: listener {rt.db.listen} not bound")
-        if rt.tls.enabled and rt.tls.material is None:
-            problems.append(f"{rt.name}: TLS material not loaded: {rt.tls.last_error or 'not loaded yet'}")
-    return problems
-
-
 class AdminServer:
-    def __init__(self, app: App, listen: str) -> None:
-        self.app = app
+    def __init__(self, control: Control, listen: str) -> None:
+        self.control = control
         self.listen = listen
-        self.registry = make_registry(app)
+        self.registry = make_registry(control)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -116,24 +100,24 @@ class AdminServer:
         if path == "/healthz":
             return 200, text, b"ok\n"
         if path == "/readyz":
-            problems = readiness(self.app)
+            problems = self.control.readiness()
             if problems:
                 return 503, text, ("not ready\n" + "".join(f"- {p}\n" for p in problems)).encode()
             return 200, text, b"ready\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.registry)
         if path == "/config":
-            dump = self.app.config.model_dump(mode="json")
+            dump = self.control.config.model_dump(mode="json")
             return 200, "application/json", json.dumps(dump, indent=2).encode() + b"\n"
         if path == "/quitquitquit":
             if method != "POST":
                 return 405, text, b"use POST\n"
-            self.app.request_shutdown("/quitquitquit")
+            self.control.request_shutdown("/quitquitquit")
             return 200, text, b"draining\n"
         if path == "/reload":
             if method != "POST":
                 return 405, text, b"use POST\n"
-            self.app.reload("/reload")
+            self.control.reload("/reload")
             return 200, text, b"reloaded\n"
         if path == "/loglevel":
             if method == "POST":
