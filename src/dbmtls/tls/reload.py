@@ -1,20 +1,22 @@
 """Certificate and CA rotation without restarts.
 
-Triggers, any of which leads to the same check:
+Triggers, all leading to the same check:
 
-* inotify on the *directories* holding the files (watchfiles).  Watching the
-  directory, not the file, is what catches Kubernetes Secret updates (an atomic
-  swap of the ``..data`` symlink: the file path never changes, its target does)
-  and editors that write a new file and rename it over the old one;
-* SIGHUP and ``POST /reload`` (``force``: retry even unchanged files);
-* a slow poll as a safety net where inotify is not available (some network and
-  overlay file systems), which also drives the expiry warnings.
+* a poll every second (``POLL_INTERVAL``) that fingerprints the files by their
+  *contents*, followed through symlinks.  Content, not paths or mtimes, is what
+  catches Kubernetes Secret updates (an atomic swap of the ``..data`` symlink:
+  the file path never changes, its target does), editors that write a new file
+  and rename it over the old one, and files that appear later.  A poll reads a
+  few small PEM files; it also drives the expiry warnings.  The kubelet itself
+  takes up to a minute or more to project an updated Secret into the pod, so a
+  second more is not noticeable; and polling needs no inotify (no watcher
+  thread, no watch limits, the same on every file system);
+* SIGHUP and ``POST /reload`` (``force``: retry even unchanged files).
 
-The check fingerprints the files (their contents, followed through symlinks);
-only a change leads to a reload attempt, so a broken replacement is reported
-once, not on every poll.  ``ClientTLS.load`` validates everything before it
-swaps anything in: a bad or half-written file keeps the old material, logs what
-is wrong, and bumps the failure metric; the next change is tried again.
+Only a changed fingerprint leads to a reload attempt, so a broken replacement is
+reported once, not on every poll.  ``ClientTLS.load`` validates everything before
+it swaps anything in: a bad or half-written file keeps the old material, logs
+what is wrong, and bumps the failure counter; the next change is tried again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG
 from dbmtls.tls.material import ClientTLS
 
-POLL_INTERVAL = 10.0
+POLL_INTERVAL = 1.0
 EXPIRY_LOG_INTERVAL = 3600.0
 
 
@@ -58,7 +59,7 @@ class ReloadCounts:
 
 
 class Reloader:
-    """Watches the files of every database's ``ClientTLS`` and reloads them when they change.
+    """Polls the files of every database's ``ClientTLS`` and reloads them when their contents change.
 
     It is given exactly what it needs: the TLS holders by database name and the
     expiry-warning window.  It owns its reload counters (``counts``), which the
@@ -74,51 +75,34 @@ class Reloader:
         self.counts = {name: ReloadCounts() for name in self.tls}
         self._seen: dict[str, str] = {}
         self._expiry_logged: dict[tuple[str, str], float] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        """Take the files as they are now as the baseline (the material was just loaded) and start watching."""
+        """Take the files as they are now as the baseline (the material was just loaded) and start polling."""
         for name, tls in self.tls.items():
             self._seen[name] = fingerprint(tls.files())
-        loop = asyncio.get_running_loop()
-        existing = self._watched_dirs()
-        if existing:
-            self._tasks.append(loop.create_task(self._watch(existing)))
-        self._tasks.append(loop.create_task(self._poll()))
+        self._task = asyncio.get_running_loop().create_task(self._poll())
         self.check_expiry()
-
-    def _watched_dirs(self) -> list[str]:
-        files = [p for tls in self.tls.values() for p in tls.files()]
-        dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in files})
-        return [d for d in dirs if os.path.isdir(d)]
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    async def _watch(self, dirs: list[str]) -> None:
-        from watchfiles import awatch
-
-        try:
-            # rust_timeout bounds how long stopping the watcher thread takes at shutdown
-            changes = awatch(*dirs, stop_event=self._stop, debounce=200, step=50, watch_filter=None, rust_timeout=500)
-            async for _changes in changes:
-                self.reload_all("file change", force=False)
-        except Exception as exc:  # inotify limits, vanished directories: the poll still runs
-            LOG.warning("file watching stopped; polling only", extra={"fields": {"error": str(exc)}})
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
     async def _poll(self) -> None:
-        while not self._stop.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self._stop.wait()
-            self.reload_all("poll", force=False)
-            self.check_expiry()
+            if self._stop.is_set():
+                return
+            try:
+                self.reload_all("file change", force=False)
+                self.check_expiry()
+            except Exception:  # a bug must not end rotation for the rest of the process's life
+                LOG.exception("certificate check failed")
 
     def reload_all(self, why: str, *, force: bool = True) -> None:
         for name in self.tls:
