@@ -7,47 +7,79 @@ exits 0 when it is over; SIGHUP reloads the certificate files.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
+from collections.abc import Mapping
 
 import uvloop
 
 from dbmtls.admin.server import AdminServer
 from dbmtls.config.model import Config
 from dbmtls.logs import LOG
+from dbmtls.proxy.runtime import DatabaseRuntime
 from dbmtls.proxy.server import Proxy
-from dbmtls.tls.reload import Reloader
+from dbmtls.tls.reload import ReloadCounts, Reloader
 
 
 class App:
+    """The process; implements ``dbmtls.admin.control.Control`` for the admin server and metrics."""
+
     def __init__(self, config: Config, *, admin_listen: str | None = None) -> None:
         self.config = config
         self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
         self.proxy = Proxy(config)
         self.admin: AdminServer | None = None
-        self.reloader: Reloader | None = None
+        self.reloader = Reloader(
+            {name: rt.tls for name, rt in self.proxy.runtimes.items()},
+            expiry_warning=config.certificateExpiryWarning,
+        )
         self._shutdown: asyncio.Task[None] | None = None
 
-    def request_shutdown(self, why: str) -> None:
+    # --- dbmtls.admin.control.Control ------------------------------------------------
+
+    @property
+    def runtimes(self) -> Mapping[str, DatabaseRuntime]:
+        return self.proxy.runtimes
+
+    @property
+    def reload_counts(self) -> Mapping[str, ReloadCounts]:
+        return self.reloader.counts
+
+    def readiness(self) -> list[str]:
+        """Why the process is not ready (empty: ready)."""
+        problems = []
+        if self.proxy.draining:
+            problems.append("draining: shutting down")
+        for rt in self.proxy.runtimes.values():
+            if not rt.listening:
+                problems.append(f"{rt.name}: listener {rt.db.listen} not bound")
+            if rt.tls.enabled and rt.tls.material is None:
+                problems.append(f"{rt.name}: TLS material not loaded: {rt.tls.last_error or 'not loaded yet'}")
+        return problems
+
+    def request_shutdown(self, why: str, *, from_signal: bool = False) -> None:
+        """Start the graceful drain; a second *signal* during the drain closes everything now."""
         if self._shutdown is None:
             LOG.info("shutting down", extra={"fields": {"why": why}})
             self._shutdown = asyncio.get_running_loop().create_task(self._drain())
-        elif why.startswith("SIG"):
+        elif from_signal:
             # a second signal during the drain: the operator wants out now
             LOG.warning("second signal: closing all connections now", extra={"fields": {"why": why}})
             self.proxy.close_all()
 
+    def reload(self, why: str) -> None:
+        self.reloader.reload_all(why)
+
+    # --- running ---------------------------------------------------------------------
+
     async def _drain(self) -> None:
         await self.proxy.drain(self.config.drainTimeout)
-
-    def reload(self, why: str) -> None:
-        if self.reloader is not None:
-            self.reloader.reload_all(why)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         await self.proxy.start()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-            loop.add_signal_handler(sig, self.request_shutdown, name)
+            loop.add_signal_handler(sig, functools.partial(self.request_shutdown, name, from_signal=True))
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         await self._start_extras()
         LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
@@ -58,15 +90,13 @@ class App:
 
     async def _start_extras(self) -> None:
         """Certificate reloader and admin server, started once the listeners are bound."""
-        self.reloader = Reloader(self.proxy)
         await self.reloader.start()
         if self.admin_listen != "off":
             self.admin = AdminServer(self, self.admin_listen)
             await self.admin.start()
 
     async def _stop_extras(self) -> None:
-        if self.reloader is not None:
-            await self.reloader.stop()
+        await self.reloader.stop()
         if self.admin is not None:
             await self.admin.stop()
 

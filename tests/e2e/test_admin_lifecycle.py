@@ -196,6 +196,30 @@ def test_sigterm_drains_open_connection_then_exits_zero(pki: PKI, redis_tls: Red
         assert time.monotonic() - started < 20
 
 
+def test_second_signal_closes_at_once_but_a_second_quitquitquit_does_not(
+    pki: PKI, redis_tls: RedisTLS, workdir: Path
+) -> None:
+    port = free_port()
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s")
+    with Dbmtls(workdir, config, admin=True).start((port,)) as proxy:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"PING\r\n")
+        assert s.recv(10) == b"+PONG\r\n"  # an open, idle connection keeps the drain waiting
+        started = time.monotonic()
+        assert _get(proxy.admin_url + "/quitquitquit", "POST") == (200, "draining\n")
+        proxy.wait_log("draining")
+        # the admin server stays up during the drain; asking again is not a "second signal"
+        assert _get(proxy.admin_url + "/quitquitquit", "POST") == (200, "draining\n")
+        assert "second signal" not in proxy.log()
+        assert proxy.proc is not None and proxy.proc.poll() is None
+        proxy.signal(15)
+        proxy.wait_log("second signal: closing all connections now")
+        assert proxy.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 15
+        assert s.recv(10) == b""
+        s.close()
+
+
 def test_drain_timeout_closes_idle_connections(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
     port = free_port()
     config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="1s")

@@ -13,9 +13,17 @@ Endpoints (all on the admin address, loopback by default):
 ``/loglevel``          GET     current level; POST with body ``debug|info|warning|error``
 =====================  ======  ===========================================================
 
-It speaks just enough HTTP/1.1 for probes, Prometheus and curl: one request per
-connection, bounded head and body, ``Connection: close``.  A full HTTP stack
-would be a large dependency for seven fixed routes.
+HTTP/1.1 is parsed by h11: a sans-IO state machine (bytes in, events out; no
+sockets, threads or event loop of its own) of about 2,500 lines of pure Python
+with no dependencies.  It parses request lines, headers, ``Content-Length`` and
+chunked bodies the way a hand-written parser rarely does, while this module
+keeps the socket, the bounds and the seven fixed routes; a full HTTP stack (a
+web framework, its own server) would be far more code than the task needs.
+
+One request per connection, answered with ``Connection: close``.  The head is
+bounded by ``MAX_HEAD``, the body by ``MAX_BODY``, reading both by
+``READ_TIMEOUT``: anything malformed, too large, cut short or too slow gets a
+400.  A POST carrying an ``Origin`` header gets a 403 (see ``_handle``).
 """
 
 from __future__ import annotations
@@ -23,19 +31,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+import h11
+
+from dbmtls.admin.control import Control
 from dbmtls.admin.metrics import make_registry, render
 from dbmtls.config.model import split_host_port
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG, set_level
 
-if TYPE_CHECKING:
-    from dbmtls.app import App
-
 MAX_HEAD = 8192
 MAX_BODY = 1024
 READ_TIMEOUT = 5.0
+_READ_CHUNK = 4096
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -44,32 +53,87 @@ _REASONS = {
     405: "Method Not Allowed",
     503: "Service Unavailable",
 }
+_BAD_REQUEST = (400, "text/plain", b"bad request\n")
 
 
-def readiness(app: App) -> list[str]:
-    """Why the process is not ready (empty: ready)."""
-    problems = []
-    if app.proxy.draining:
-        problems.append("draining: shutting down")
-    for rt in app.proxy.runtimes.values():
-        if not rt.listening:
-            problems.append(f"{rt.name}: listener {rt.db.listen} not bound")
-        if rt.tls.enabled and rt.tls.material is None:
-            problems.append(f"{rt.name}: TLS material not loaded: {rt.tls.last_error or 'not loaded yet'}")
-    return problems
+class _BadRequest(Exception):
+    """A request h11 accepts but this server does not: over a bound, or not HTTP/1.x."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    target: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> _Request | None:
+    """Feed ``conn`` from ``reader`` until one whole request is in; None if the client sent nothing.
+
+    Raises ``h11.RemoteProtocolError`` (malformed, cut short) or ``_BadRequest`` (too large).
+    """
+    request: h11.Request | None = None
+    body = bytearray()
+    head_budget = MAX_HEAD
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if request is None:
+                # h11's max_incomplete_event_size only bounds a head that is still incomplete;
+                # never feeding it more than MAX_HEAD bytes before the head is complete also
+                # bounds a complete one that arrives in a single read.
+                if head_budget <= 0:
+                    raise _BadRequest("request head too large")
+                data = await reader.read(head_budget)
+                head_budget -= len(data)
+            else:
+                data = await reader.read(_READ_CHUNK)
+            conn.receive_data(data)  # b"": the client closed its side
+        elif isinstance(event, h11.Request):
+            if not event.http_version.startswith(b"1."):  # h11 parses any "HTTP/d.d" request line
+                raise _BadRequest("not HTTP/1.x")
+            request = event
+            length = next((int(v) for k, v in event.headers if k == b"content-length"), 0)
+            if length > MAX_BODY:
+                raise _BadRequest("request body too large")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise _BadRequest("request body too large")
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            return _Request(
+                request.method.decode("ascii").upper(),
+                request.target.decode("latin-1"),
+                {k.decode("ascii"): v.decode("latin-1") for k, v in request.headers},
+                bytes(body),
+            )
+        elif isinstance(event, h11.ConnectionClosed):
+            return None  # closed before sending a byte: nothing to answer
+        else:
+            raise _BadRequest(f"unexpected {event!r}")
+
+
+def _response(conn: h11.Connection, status: int, ctype: str, payload: bytes, *, head_only: bool) -> bytes:
+    headers = [("Content-Type", ctype), ("Content-Length", str(len(payload))), ("Connection", "close")]
+    parts = [conn.send(h11.Response(status_code=status, reason=_REASONS.get(status, "OK"), headers=headers))]
+    if not head_only:
+        parts.append(conn.send(h11.Data(data=payload)))
+    parts.append(conn.send(h11.EndOfMessage()))
+    return b"".join(p for p in parts if p)
 
 
 class AdminServer:
-    def __init__(self, app: App, listen: str) -> None:
-        self.app = app
+    def __init__(self, control: Control, listen: str) -> None:
+        self.control = control
         self.listen = listen
-        self.registry = make_registry(app)
+        self.registry = make_registry(control)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
         try:
-            self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True, limit=MAX_HEAD)
+            self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.listen}: {exc.strerror or exc}", path="admin.listen") from None
         LOG.info("admin server listening", extra={"fields": {"listen": self.listen}})
@@ -80,28 +144,23 @@ class AdminServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    method, path, headers = _parse_head(head)
-                    length = int(headers.get("content-length", "0") or 0)
-                    if length < 0 or length > MAX_BODY:
-                        raise ValueError("body too large")
-                    body = await reader.readexactly(length) if length else b""
-                if method == "POST" and "origin" in headers:
+                    request = await _read_request(conn, reader)
+            except (h11.RemoteProtocolError, _BadRequest, TimeoutError):
+                writer.write(_response(conn, *_BAD_REQUEST, head_only=False))
+            else:
+                if request is None:
+                    return
+                if request.method == "POST" and "origin" in request.headers:
                     # Browsers send Origin on every cross-site POST: a web page must not be able
                     # to stop the sidecar or change its log level (CSRF against localhost).
                     status, ctype, payload = 403, "text/plain", b"cross-origin requests are refused\n"
                 else:
-                    status, ctype, payload = self.route(method, path, body)
-            except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-                status, ctype, payload = 400, "text/plain", b"bad request\n"
-            head_out = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head_out.encode("ascii") + payload)
+                    status, ctype, payload = self.route(request.method, request.target, request.body)
+                writer.write(_response(conn, status, ctype, payload, head_only=request.method == "HEAD"))
             await writer.drain()
         except ConnectionError:
             pass
@@ -116,24 +175,24 @@ class AdminServer:
         if path == "/healthz":
             return 200, text, b"ok\n"
         if path == "/readyz":
-            problems = readiness(self.app)
+            problems = self.control.readiness()
             if problems:
                 return 503, text, ("not ready\n" + "".join(f"- {p}\n" for p in problems)).encode()
             return 200, text, b"ready\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.registry)
         if path == "/config":
-            dump = self.app.config.model_dump(mode="json")
+            dump = self.control.config.model_dump(mode="json")
             return 200, "application/json", json.dumps(dump, indent=2).encode() + b"\n"
         if path == "/quitquitquit":
             if method != "POST":
                 return 405, text, b"use POST\n"
-            self.app.request_shutdown("/quitquitquit")
+            self.control.request_shutdown("/quitquitquit")
             return 200, text, b"draining\n"
         if path == "/reload":
             if method != "POST":
                 return 405, text, b"use POST\n"
-            self.app.reload("/reload")
+            self.control.reload("/reload")
             return 200, text, b"reloaded\n"
         if path == "/loglevel":
             if method == "POST":
@@ -145,21 +204,3 @@ class AdminServer:
             current = logging.getLevelName(logging.getLogger("dbmtls").level).lower()
             return 200, text, f"{current}\n".encode()
         return 404, text, b"not found\n"
-
-
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    if len(head) > MAX_HEAD:
-        raise ValueError("head too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("bad request line")
-    headers = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError("bad header")
-        headers[name.strip().lower()] = value.strip()
-    return parts[0].upper(), parts[1], headers

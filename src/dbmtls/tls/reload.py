@@ -1,20 +1,22 @@
 """Certificate and CA rotation without restarts.
 
-Triggers, any of which leads to the same check:
+Triggers, all leading to the same check:
 
-* inotify on the *directories* holding the files (watchfiles).  Watching the
-  directory, not the file, is what catches Kubernetes Secret updates (an atomic
-  swap of the ``..data`` symlink: the file path never changes, its target does)
-  and editors that write a new file and rename it over the old one;
-* SIGHUP and ``POST /reload`` (``force``: retry even unchanged files);
-* a slow poll as a safety net where inotify is not available (some network and
-  overlay file systems), which also drives the expiry warnings.
+* a poll every second (``POLL_INTERVAL``) that fingerprints the files by their
+  *contents*, followed through symlinks.  Content, not paths or mtimes, is what
+  catches Kubernetes Secret updates (an atomic swap of the ``..data`` symlink:
+  the file path never changes, its target does), editors that write a new file
+  and rename it over the old one, and files that appear later.  A poll reads a
+  few small PEM files; it also drives the expiry warnings.  The kubelet itself
+  takes up to a minute or more to project an updated Secret into the pod, so a
+  second more is not noticeable; and polling needs no inotify (no watcher
+  thread, no watch limits, the same on every file system);
+* SIGHUP and ``POST /reload`` (``force``: retry even unchanged files).
 
-The check fingerprints the files (their contents, followed through symlinks);
-only a change leads to a reload attempt, so a broken replacement is reported
-once, not on every poll.  ``ClientTLS.load`` validates everything before it
-swaps anything in: a bad or half-written file keeps the old material, logs what
-is wrong, and bumps the failure metric; the next change is tried again.
+Only a changed fingerprint leads to a reload attempt, so a broken replacement is
+reported once, not on every poll.  ``ClientTLS.load`` validates everything before
+it swaps anything in: a bad or half-written file keeps the old material, logs
+what is wrong, and bumps the failure counter; the next change is tried again.
 """
 
 from __future__ import annotations
@@ -23,18 +25,15 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
-import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG
-from dbmtls.proxy.runtime import DatabaseRuntime
+from dbmtls.tls.material import ClientTLS
 
-if TYPE_CHECKING:
-    from dbmtls.proxy.server import Proxy
-
-POLL_INTERVAL = 10.0
+POLL_INTERVAL = 1.0
 EXPIRY_LOG_INTERVAL = 3600.0
 
 
@@ -51,105 +50,108 @@ def fingerprint(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class ReloadCounts:
+    """Reload attempts of one database by result (``dbmtls_certificate_reloads_total``)."""
+
+    success: int = 0
+    failure: int = 0
+
+
 class Reloader:
-    def __init__(self, proxy: Proxy, *, poll_interval: float = POLL_INTERVAL) -> None:
-        self.proxy = proxy
+    """Polls the files of every database's ``ClientTLS`` and reloads them when their contents change.
+
+    It is given exactly what it needs: the TLS holders by database name and the
+    expiry-warning window.  It owns its reload counters (``counts``), which the
+    metrics collector reads.
+    """
+
+    def __init__(
+        self, tls: Mapping[str, ClientTLS], *, expiry_warning: float, poll_interval: float = POLL_INTERVAL
+    ) -> None:
+        self.tls = dict(tls)
+        self.expiry_warning = dt.timedelta(seconds=expiry_warning)
         self.poll_interval = poll_interval
+        self.counts = {name: ReloadCounts() for name in self.tls}
         self._seen: dict[str, str] = {}
         self._expiry_logged: dict[tuple[str, str], float] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        for rt in proxy.runtimes.values():
-            self._seen[rt.name] = fingerprint(rt.tls.files())
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        existing = self._watched_dirs()
-        if existing:
-            self._tasks.append(loop.create_task(self._watch(existing)))
-        self._tasks.append(loop.create_task(self._poll()))
+        """Take the files as they are now as the baseline (the material was just loaded) and start polling."""
+        for name, tls in self.tls.items():
+            self._seen[name] = fingerprint(tls.files())
+        self._task = asyncio.get_running_loop().create_task(self._poll())
         self.check_expiry()
-
-    def _watched_dirs(self) -> list[str]:
-        files = [p for rt in self.proxy.runtimes.values() for p in rt.tls.files()]
-        dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in files})
-        return [d for d in dirs if os.path.isdir(d)]
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    async def _watch(self, dirs: list[str]) -> None:
-        from watchfiles import awatch
-
-        try:
-            # rust_timeout bounds how long stopping the watcher thread takes at shutdown
-            changes = awatch(*dirs, stop_event=self._stop, debounce=200, step=50, watch_filter=None, rust_timeout=500)
-            async for _changes in changes:
-                self.reload_all("file change", force=False)
-        except Exception as exc:  # inotify limits, vanished directories: the poll still runs
-            LOG.warning("file watching stopped; polling only", extra={"fields": {"error": str(exc)}})
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
     async def _poll(self) -> None:
-        while not self._stop.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self._stop.wait()
-            self.reload_all("poll", force=False)
-            self.check_expiry()
+            if self._stop.is_set():
+                return
+            try:
+                self.reload_all("file change", force=False)
+                self.check_expiry()
+            except Exception:  # a bug must not end rotation for the rest of the process's life
+                LOG.exception("certificate check failed")
 
     def reload_all(self, why: str, *, force: bool = True) -> None:
-        for rt in self.proxy.runtimes.values():
-            self.reload_one(rt, why, force=force)
+        for name in self.tls:
+            self.reload_one(name, why, force=force)
 
-    def reload_one(self, rt: DatabaseRuntime, why: str, *, force: bool) -> bool | None:
+    def reload_one(self, name: str, why: str, *, force: bool) -> bool | None:
         """Try to reload one database; None when nothing changed."""
-        if not rt.tls.enabled:
+        tls = self.tls[name]
+        if not tls.enabled:
             return None
-        fp = fingerprint(rt.tls.files())
-        if not force and fp == self._seen.get(rt.name):
+        fp = fingerprint(tls.files())
+        if not force and fp == self._seen.get(name):
             return None  # unchanged (if broken, it was reported when it changed)
-        self._seen[rt.name] = fp
+        self._seen[name] = fp
         try:
-            material = rt.tls.load()
+            material = tls.load()
         except ConfigError as exc:
-            rt.stats.reloads_failed += 1
-            kept = "keeping the previous certificates" if rt.tls.material is not None else "nothing loaded yet"
+            self.counts[name].failure += 1
+            kept = "keeping the previous certificates" if tls.material is not None else "nothing loaded yet"
             LOG.error(
                 f"certificate reload failed, {kept}",
-                extra={"fields": {"db": rt.name, "trigger": why, "error": exc.message}},
+                extra={"fields": {"db": name, "trigger": why, "error": exc.message}},
             )
             return False
-        rt.stats.reloads_ok += 1
+        self.counts[name].success += 1
         for w in material.warnings:
-            LOG.warning(w, extra={"fields": {"db": rt.name}})
+            LOG.warning(w, extra={"fields": {"db": name}})
         serials = ",".join(f"{c.kind}:{c.serial:x}" for c in material.certs)
-        LOG.info("certificates reloaded", extra={"fields": {"db": rt.name, "trigger": why, "serials": serials}})
+        LOG.info("certificates reloaded", extra={"fields": {"db": name, "trigger": why, "serials": serials}})
         self.check_expiry()
         return True
 
     def check_expiry(self) -> None:
         """Warn about certificates close to expiry (at most hourly per certificate)."""
         now = dt.datetime.now(dt.UTC)
-        window = dt.timedelta(seconds=self.proxy.config.certificateExpiryWarning)
-        for rt in self.proxy.runtimes.values():
-            m = rt.tls.material
+        for name, tls in self.tls.items():
+            m = tls.material
             if m is None:
                 continue
             for c in m.certs:
                 left = c.not_after - now
-                if left > window:
+                if left > self.expiry_warning:
                     continue
-                key = (rt.name, f"{c.path}:{c.serial}")
+                key = (name, f"{c.path}:{c.serial}")
                 last = self._expiry_logged.get(key)
                 if last is not None and time.monotonic() - last < EXPIRY_LOG_INTERVAL:
                     continue
                 self._expiry_logged[key] = time.monotonic()
-                fields = {"db": rt.name, "kind": c.kind, "path": c.path, "not_after": c.not_after.isoformat()}
+                fields = {"db": name, "kind": c.kind, "path": c.path, "not_after": c.not_after.isoformat()}
                 if left.total_seconds() <= 0:
                     LOG.error("certificate has expired", extra={"fields": fields})
                 else:

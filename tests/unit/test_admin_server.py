@@ -1,0 +1,392 @@
+"""The admin HTTP server in-process: real HTTP over a loopback socket, a fake Control behind it.
+
+Every exchange waits for the server to close the connection (one request per
+connection), so the fake's records are complete when a test looks at them: no
+sleeps anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+import uvloop
+from prometheus_client.parser import text_string_to_metric_families
+
+from dbmtls.admin import server as admin_server
+from dbmtls.admin.server import MAX_BODY, MAX_HEAD, AdminServer
+from dbmtls.config.model import Config
+from dbmtls.errors import ConfigError
+from dbmtls.proxy.runtime import DatabaseRuntime
+from dbmtls.proxy.server import Proxy
+from dbmtls.tls.reload import ReloadCounts
+from support.net import free_port
+
+T = TypeVar("T")
+TEXT = "text/plain; charset=utf-8"
+
+
+def _config() -> Config:
+    return Config.model_validate(
+        {
+            "databases": [
+                {
+                    "name": "cache",
+                    "protocol": "redis",
+                    "listen": "127.0.0.1:6379",
+                    "address": "cache.example:6379",
+                    "tls": {"mode": "MUTUAL", "clientCertificate": "/c/tls.crt", "privateKey": "/c/tls.key"},
+                }
+            ]
+        }
+    )
+
+
+@dataclass
+class FakeControl:
+    """What the App offers the admin server, with every call recorded."""
+
+    config: Config = field(default_factory=_config)
+    problems: list[str] = field(default_factory=list)
+    shutdowns: list[str] = field(default_factory=list)
+    reloads: list[str] = field(default_factory=list)
+    counts: dict[str, ReloadCounts] = field(default_factory=lambda: {"cache": ReloadCounts(success=2, failure=1)})
+
+    def __post_init__(self) -> None:
+        self._runtimes = Proxy(self.config).runtimes  # built, never started: no sockets
+
+    @property
+    def runtimes(self) -> Mapping[str, DatabaseRuntime]:
+        return self._runtimes
+
+    @property
+    def reload_counts(self) -> Mapping[str, ReloadCounts]:
+        return self.counts
+
+    def readiness(self) -> list[str]:
+        return list(self.problems)
+
+    def request_shutdown(self, why: str) -> None:
+        self.shutdowns.append(why)
+
+    def reload(self, why: str) -> None:
+        self.reloads.append(why)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+class _Client(asyncio.Protocol):
+    """Collects everything the server sends until it closes (a reset after the answer is fine)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+
+async def _raw(port: int, *chunks: bytes, eof: bool = False) -> bytes:
+    """Send ``chunks`` and return all the server sent before it closed the connection."""
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_connection(_Client, "127.0.0.1", port)
+    for chunk in chunks:
+        transport.write(chunk)
+    if eof:
+        transport.write_eof()
+    try:
+        async with asyncio.timeout(10):  # a safety net for a hung server, not a synchronisation
+            await client.closed.wait()
+    finally:
+        transport.close()
+    return bytes(client.data)
+
+
+def _parse(raw: bytes) -> Reply:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {raw!r}"
+    lines = head.decode("ascii").split("\r\n")
+    version, status, _reason = lines[0].split(" ", 2)
+    assert version == "HTTP/1.1"
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    assert int(headers["content-length"]) == len(body), raw
+    return Reply(int(status), headers, body)
+
+
+async def _request(
+    port: int, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+) -> Reply:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if body or method == "POST":
+        head += f"Content-Length: {len(body)}\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
+    return _parse(await _raw(port, head.encode() + b"\r\n" + body))
+
+
+def _serve(control: FakeControl, scenario: Callable[[int], Awaitable[T]]) -> T:
+    async def main() -> T:
+        port = free_port()
+        server = AdminServer(control, f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            return await scenario(port)
+        finally:
+            await server.stop()
+
+    return uvloop.run(main())
+
+
+@pytest.fixture
+def control() -> FakeControl:
+    return FakeControl()
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def _no_error_logged_and_log_level_kept() -> Iterator[None]:
+    """Whatever a client sends, the server answers it; it never fails internally ("admin request failed")."""
+    logger = logging.getLogger("dbmtls")
+    level = logger.level
+    errors = _Errors()
+    logger.addHandler(errors)
+    try:
+        yield
+    finally:
+        logger.removeHandler(errors)
+        logger.setLevel(level)
+    assert errors.messages == []
+
+
+# --- routes ----------------------------------------------------------------------------
+
+
+def test_healthz_then_the_connection_closes(control: FakeControl) -> None:
+    reply = _serve(control, lambda port: _request(port, "GET", "/healthz?verbose=1"))
+    assert (reply.status, reply.text) == (200, "ok\n")
+    assert reply.headers["content-type"] == TEXT
+    assert reply.headers["connection"] == "close"
+
+
+def test_readyz_lists_the_problems(control: FakeControl) -> None:
+    assert _serve(control, lambda port: _request(port, "GET", "/readyz")).text == "ready\n"
+    control.problems = ["cache: listener 127.0.0.1:6379 not bound", "draining: shutting down"]
+    reply = _serve(control, lambda port: _request(port, "GET", "/readyz"))
+    assert reply.status == 503
+    assert reply.text == "not ready\n- cache: listener 127.0.0.1:6379 not bound\n- draining: shutting down\n"
+
+
+def test_metrics_reads_runtimes_and_reload_counts(control: FakeControl) -> None:
+    control.runtimes["cache"].stats.accepted = 3
+    reply = _serve(control, lambda port: _request(port, "GET", "/metrics"))
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(reply.text)
+        for s in fam.samples
+    }
+    db = ("database", "cache")
+    assert samples[("dbmtls_connections_accepted_total", (db,))] == 3
+    assert samples[("dbmtls_certificate_reloads_total", (db, ("result", "success")))] == 2
+    assert samples[("dbmtls_certificate_reloads_total", (db, ("result", "failure")))] == 1
+    assert samples[("dbmtls_tls_material_loaded", (db,))] == 0
+
+
+def test_config_is_the_effective_config_as_json(control: FakeControl) -> None:
+    reply = _serve(control, lambda port: _request(port, "GET", "/config"))
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+    assert json.loads(reply.body) == control.config.model_dump(mode="json")
+
+
+def test_quitquitquit_and_reload_need_post(control: FakeControl) -> None:
+    async def scenario(port: int) -> list[Reply]:
+        return [
+            await _request(port, "GET", "/quitquitquit"),
+            await _request(port, "GET", "/reload"),
+            await _request(port, "POST", "/reload"),
+            await _request(port, "POST", "/quitquitquit"),
+        ]
+
+    replies = _serve(control, scenario)
+    assert [(r.status, r.text) for r in replies] == [
+        (405, "use POST\n"),
+        (405, "use POST\n"),
+        (200, "reloaded\n"),
+        (200, "draining\n"),
+    ]
+    assert control.reloads == ["/reload"]
+    assert control.shutdowns == ["/quitquitquit"]
+
+
+def test_loglevel_read_and_change(control: FakeControl) -> None:
+    async def scenario(port: int) -> list[Reply]:
+        return [
+            await _request(port, "POST", "/loglevel", b"DEBUG\n"),
+            await _request(port, "GET", "/loglevel"),
+            await _request(port, "POST", "/loglevel", b"chatty"),
+            await _request(port, "GET", "/loglevel"),
+        ]
+
+    replies = _serve(control, scenario)
+    assert [(r.status, r.text) for r in replies] == [
+        (200, "debug\n"),
+        (200, "debug\n"),
+        (400, "level must be debug, info, warning or error\n"),
+        (200, "debug\n"),
+    ]
+
+
+def test_unknown_path_is_404(control: FakeControl) -> None:
+    assert _serve(control, lambda port: _request(port, "GET", "/nope")).status == 404
+
+
+def test_a_chunked_body_is_read(control: FakeControl) -> None:
+    head = b"POST /loglevel HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw = _serve(control, lambda port: _raw(port, head + b"3\r\nwar\r\n4\r\nning\r\n0\r\n\r\n"))
+    assert (_parse(raw).status, _parse(raw).text) == (200, "warning\n")
+
+
+def test_head_gets_the_headers_without_the_body(control: FakeControl) -> None:
+    raw = _serve(control, lambda port: _raw(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"HTTP/1.1 200 OK",
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: 3",
+        b"Connection: close",
+    ]
+    assert body == b""
+
+
+def test_a_client_that_sends_nothing_gets_nothing(control: FakeControl) -> None:
+    """A port probe (connect, close): there is no request to answer."""
+    assert _serve(control, lambda port: _raw(port, eof=True)) == b""
+
+
+def test_http_1_0_without_host(control: FakeControl) -> None:
+    raw = _serve(control, lambda port: _raw(port, b"GET /healthz HTTP/1.0\r\n\r\n"))
+    assert (_parse(raw).status, _parse(raw).text) == (200, "ok\n")
+
+
+def test_one_request_per_connection(control: FakeControl) -> None:
+    two = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" * 2
+    raw = _serve(control, lambda port: _raw(port, two))
+    assert raw.count(b"HTTP/1.1 ") == 1 and _parse(raw).status == 200
+    assert control.reloads == ["/reload"]
+
+
+def test_request_arriving_in_pieces(control: FakeControl) -> None:
+    pieces = (b"POST /logl", b"evel HTTP/1.1\r\nHo", b"st: x\r\nContent-Length: 5\r\n", b"\r\n", b"err", b"or")
+    raw = _serve(control, lambda port: _raw(port, *pieces))
+    assert (_parse(raw).status, _parse(raw).text) == (200, "error\n")
+
+
+# --- refusals --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "body"), [("/quitquitquit", b""), ("/loglevel", b"debug"), ("/reload", b"")])
+def test_post_with_origin_is_refused(control: FakeControl, path: str, body: bytes) -> None:
+    """Browsers send Origin on every cross-site POST: a web page cannot drive the admin API."""
+    headers = {"Origin": "http://evil.example"}
+    reply = _serve(control, lambda port: _request(port, "POST", path, body, headers))
+    assert (reply.status, reply.text) == (403, "cross-origin requests are refused\n")
+    assert control.shutdowns == [] and control.reloads == []
+    assert logging.getLogger("dbmtls").level != logging.DEBUG
+
+
+def test_get_with_origin_is_answered(control: FakeControl) -> None:
+    reply = _serve(control, lambda port: _request(port, "GET", "/healthz", headers={"Origin": "http://x"}))
+    assert reply.status == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"hello\r\n\r\n", id="not-a-request-line"),
+        pytest.param(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\0" * 64, id="tls-client-hello"),
+        pytest.param(b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", id="http-2"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\n\r\n", id="http-1.1-without-host"),  # RFC 9112 3.2
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", id="header-without-colon"),
+        pytest.param(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n", id="bad-content-length"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\n", id="head-cut-short"),
+        pytest.param(b"POST /loglevel HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\ndeb", id="body-cut-short"),
+    ],
+)
+def test_garbage_is_400(control: FakeControl, raw: bytes) -> None:
+    reply = _parse(_serve(control, lambda port: _raw(port, raw, eof=True)))
+    assert (reply.status, reply.text) == (400, "bad request\n")
+    assert control.reloads == []
+
+
+def test_head_is_bounded(control: FakeControl) -> None:
+    def request(head_size: int) -> bytes:
+        start = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        pad = head_size - len(start) - len(b"X-Pad: \r\n\r\n")
+        return start + b"X-Pad: " + b"a" * pad + b"\r\n\r\n"
+
+    assert len(request(MAX_HEAD)) == MAX_HEAD
+    assert _parse(_serve(control, lambda port: _raw(port, request(MAX_HEAD)))).status == 200
+    assert _parse(_serve(control, lambda port: _raw(port, request(MAX_HEAD + 1)))).status == 400
+    # a head that never ends is cut off at the bound, not buffered without limit
+    endless = _serve(control, lambda port: _raw(port, b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * (4 * MAX_HEAD)))
+    assert _parse(endless).status == 400
+
+
+def test_body_is_bounded(control: FakeControl) -> None:
+    at_limit = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MAX_BODY + b"x" * MAX_BODY
+    assert _parse(_serve(control, lambda port: _raw(port, at_limit))).status == 200
+    over = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+    assert _parse(_serve(control, lambda port: _raw(port, over))).status == 400
+    chunked = b"POST /reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    big_chunks = chunked + (b"200\r\n" + b"x" * 0x200 + b"\r\n") * 3 + b"0\r\n\r\n"
+    assert _parse(_serve(control, lambda port: _raw(port, big_chunks))).status == 400
+    assert control.reloads == ["/reload"]
+
+
+def test_a_silent_client_gets_400_after_the_read_timeout(control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin_server, "READ_TIMEOUT", 0.2)
+    raw = _serve(control, lambda port: _raw(port, b"GET /healthz HTTP/1.1\r\n"))
+    assert _parse(raw).status == 400
+
+
+def test_a_busy_port_is_a_config_error(control: FakeControl) -> None:
+    async def main() -> None:
+        port = free_port()
+        first = AdminServer(control, f"127.0.0.1:{port}")
+        await first.start()
+        try:
+            with pytest.raises(ConfigError, match="cannot listen on"):
+                await AdminServer(control, f"127.0.0.1:{port}").start()
+        finally:
+            await first.stop()
+
+    uvloop.run(main())
