@@ -129,7 +129,11 @@ class Peer:
         self.protocol.data_received(data)
 
     def send_eof(self) -> None:
-        self.protocol.eof_received()
+        """The peer half-closes.  As asyncio does, the transport closes unless the protocol
+        returns True, and a TLS transport closes whatever it returns."""
+        keep_open = self.protocol.eof_received()
+        if not keep_open or self.transport.tls:
+            self.transport.close()
 
     def reset(self, exc: BaseException | None = None) -> None:
         """The peer's connection is lost (``exc``: how)."""

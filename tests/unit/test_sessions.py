@@ -365,3 +365,37 @@ def test_mysql_client_certificate_rejected_during_auth_is_access_denied(pki: PKI
 
     h = run(pki, "mysql", script)
     assert failure_of(h) is Reason.CLIENT_CERT_REJECTED
+
+
+@pytest.mark.parametrize("app_sent", [PING, b""])
+def test_redis_server_closing_before_answering_is_told_not_passed_on_as_eof(pki: PKI, app_sent: bytes) -> None:
+    """A server that hangs up cleanly before its first byte (no alert, just close) has failed:
+    the app gets the -ERR, never a bare EOF (which redis-cli shows as "Server closed the connection")."""
+
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        if app_sent:
+            app.send(app_sent)
+            await server.expect(app_sent)
+        server.send_eof()
+        said = await app.closed()
+        assert said.startswith(b"-ERR dbmtls: [db] srv:1 closed the connection"), said
+        assert not app.transport.eof_written
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is Reason.HANDSHAKE_FAILED
+
+
+def test_tcp_server_closing_without_a_byte_is_passed_on(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(b"hello")
+        await server.expect(b"hello")
+        server.send_eof()
+        await app.closed()
+        assert app.transport.eof_written  # opaque: the EOF is the server's answer, passed on
+
+    h = run(pki, "tcp", script)
+    assert failure_of(h) is None

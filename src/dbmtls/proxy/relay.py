@@ -100,11 +100,15 @@ class Relay:
         app_pending: bytes = b"",
         upstream_pending: bytes = b"",
         early_upstream_error: Callable[[BaseException], bytes | None] | None = None,
+        expect_reply: bool = False,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: BaseException | None = None
         self._early = early_upstream_error
+        # Client-first protocols (Redis, MongoDB): a server that closes before its first byte,
+        # while the app is still there, has failed, even when its transport closed cleanly.
+        self._expect_reply = expect_reply
         self._linger: asyncio.TimerHandle | None = None
         self._lost = 0
         self.app_t = app
@@ -152,7 +156,20 @@ class Relay:
         if not self._half_eof(self.from_app):
             self.app_t.close()
 
+    def _server_went_silent(self, half: _Half) -> bool:
+        return (
+            self._expect_reply
+            and half is self.from_up
+            and half.nbytes == 0
+            and self._lost == 0
+            and not self.from_app.eof
+        )
+
     def _half_eof(self, half: _Half) -> bool:
+        if self._server_went_silent(half):
+            # Passing the EOF on would leave the app nothing to read: close our side instead, and
+            # connection_lost (which follows) tells the app what happened.
+            return False
         peer = half.peer
         if peer.can_write_eof():
             if not peer.is_closing():
@@ -179,6 +196,8 @@ class Relay:
             self._close_both()
 
     def _half_lost(self, half: _Half, exc: Exception | None) -> None:
+        if exc is None and self._server_went_silent(half):
+            exc = ConnectionResetError("the server closed the connection before answering")
         self._lost += 1
         if exc is not None and self.error is None:
             self.error = exc

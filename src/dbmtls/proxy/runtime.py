@@ -52,8 +52,6 @@ class Stats:
     app_protocol_errors: int = 0
     connect_seconds: Histogram = field(default_factory=Histogram)
     handshake_seconds: Histogram = field(default_factory=Histogram)
-    reloads_ok: int = 0
-    reloads_failed: int = 0
 
     def record_failure(self, err: DbmtlsError) -> None:
         if err.reason is Reason.APP_PROTOCOL:

@@ -70,7 +70,7 @@ class AnsweringSession:
             )
         # run_relay settles a server that hung up while we waited for the app (TLS 1.3: it
         # rejected our certificate) and raises what it said.
-        await run_relay(conn, up, app_pending=first)
+        await run_relay(conn, up, app_pending=first, expect_reply=True)
 
 
 class RedisSession(AnsweringSession):

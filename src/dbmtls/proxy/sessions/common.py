@@ -17,13 +17,15 @@ async def run_relay(
     app_pending: bytes = b"",
     upstream_pending: bytes = b"",
     watch_upstream: Callable[[bytes], bool] | None = None,
+    expect_reply: bool = False,
 ) -> None:
     """Relay until both sides are closed.
 
     Raises the classified error when the server fails before its first byte (TLS 1.3: a
     rejected client certificate arrives as an alert on the first read), after the relay
     wrote ``conn.notice``'s message to the app.  ``watch_upstream`` sees the server's chunks
-    until it returns True (see ``Relay.watch_upstream``).
+    until it returns True (see ``Relay.watch_upstream``).  ``expect_reply``: the protocol is
+    client-first, so a server that closes before its first byte has failed (``Relay``).
     """
     dialer = conn.rt.dialer
     if up.closed or conn.app.closed:
@@ -53,6 +55,7 @@ async def run_relay(
         app_pending=app_pending + app_buf,
         upstream_pending=upstream_pending + up_buf,
         early_upstream_error=early,
+        expect_reply=expect_reply,
     )
     conn.relay = relay
     conn.app.successor = relay.from_app
