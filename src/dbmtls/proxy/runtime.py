@@ -10,18 +10,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from dbmtls.config.model import DatabaseConfig
-from dbmtls.errors import DbmtlsError, Reason
+from dbmtls.errors import DbmtlsError, Reason, UpstreamError
 from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.notice import Notice
 from dbmtls.proxy.relay import Relay
 from dbmtls.tls.material import ClientTLS
-
-if TYPE_CHECKING:
-    # only for annotations: the notice and the dialer are handed in, never imported at run time
-    from dbmtls.proxy.notice import Notice
-    from dbmtls.proxy.upstream import Dialer
 
 # Histogram buckets (seconds) for upstream connect and TLS handshake durations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -71,6 +67,19 @@ class Session(Protocol):
     def __init__(self, rt: DatabaseRuntime) -> None: ...
 
     async def run(self, conn: Conn) -> None: ...
+
+
+class Dialer(Protocol):
+    """Opens server connections for sessions (``dbmtls.proxy.upstream.Dialer`` in production,
+    a scripted one in the transcript tests)."""
+
+    def failure(self, conn: Conn, exc: BaseException) -> UpstreamError: ...
+
+    async def connect(self, conn: Conn) -> Endpoint: ...
+
+    async def start_tls(self, conn: Conn, ep: Endpoint, user: str | None = None) -> None: ...
+
+    async def dial(self, conn: Conn, user: str | None = None) -> Endpoint: ...
 
 
 class DatabaseRuntime:
