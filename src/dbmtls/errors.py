@@ -31,14 +31,21 @@ class Reason(enum.StrEnum):
     CONFIG = "config"
     # the application side
     APP_PROTOCOL = "app_protocol"
+    APP_CLOSED = "app_closed"
+    APP_TIMEOUT = "app_timeout"
     NO_CERTIFICATE_FOR_USER = "no_certificate_for_user"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # the upstream side
     UPSTREAM = "upstream"
     CONNECTION_REFUSED = "connection_refused"
     TIMEOUT = "timeout"
     SERVER_REFUSED_TLS = "server_refused_tls"
+    SERVER_REFUSED_PLAINTEXT = "server_refused_plaintext"
     UPSTREAM_PROTOCOL = "upstream_protocol"
+    UPSTREAM_RESET = "upstream_reset"
+    AUTH_FAILED = "auth_failed"
     HANDSHAKE_FAILED = "handshake_failed"
+    TLS_VERSION = "tls_version"
     UNKNOWN_CA = "unknown_ca"
     NAME_MISMATCH = "name_mismatch"
     EXPIRED = "expired"
@@ -50,13 +57,20 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.INTERNAL: "a bug in dbmtls (logged with a traceback)",
     Reason.CONFIG: "the configuration is invalid",
     Reason.APP_PROTOCOL: "the app sent something that is not the configured protocol (or started TLS)",
+    Reason.APP_CLOSED: "the app gave up during the login (e.g. it requires TLS to dbmtls)",
+    Reason.APP_TIMEOUT: "the app did not finish its login in time (a stuck or slow-loris client)",
+    Reason.TOO_MANY_CONNECTIONS: "maxConnections (or the file descriptor budget) is reached",
     Reason.NO_CERTIFICATE_FOR_USER: "no client certificate is configured for this database user",
     Reason.UPSTREAM: "any other failure toward the server",
     Reason.CONNECTION_REFUSED: "the server is unreachable (refused, no route, DNS)",
     Reason.TIMEOUT: "connect, TLS handshake or the server's first answer timed out",
     Reason.SERVER_REFUSED_TLS: "the server does not do TLS on that port",
+    Reason.SERVER_REFUSED_PLAINTEXT: "tls.mode is DISABLE and the server hung up: it wants TLS",
     Reason.UPSTREAM_PROTOCOL: "the server broke the protocol (including plaintext injected before TLS)",
-    Reason.HANDSHAKE_FAILED: "the TLS handshake failed (no common version or cipher, or the server hung up)",
+    Reason.UPSTREAM_RESET: "the server reset the connection after it had answered (passed on as a reset)",
+    Reason.AUTH_FAILED: "the server rejected the login (its own error reached the app)",
+    Reason.HANDSHAKE_FAILED: "the TLS handshake failed (no common cipher, or the server hung up)",
+    Reason.TLS_VERSION: "no TLS version both sides accept (minProtocolVersion / maxProtocolVersion)",
     Reason.UNKNOWN_CA: "the server certificate does not chain to the configured CA",
     Reason.NAME_MISMATCH: "the server certificate does not carry the expected name",
     Reason.EXPIRED: "the server certificate is expired or not yet valid",
@@ -156,6 +170,25 @@ class AppTLSError(AppProtocolError):
     """
 
 
+class AppClosedEarly(DbmtlsError):
+    """The app closed its connection before the login was over (nobody is left to tell)."""
+
+    reason = Reason.APP_CLOSED
+
+
+class AppTimeout(DbmtlsError):
+    """The app did not send its login in time; the connection slot is given back."""
+
+    reason = Reason.APP_TIMEOUT
+
+
+class TooManyConnections(DbmtlsError):
+    """Refused at accept: the database's or the process's connection limit is reached."""
+
+    reason = Reason.TOO_MANY_CONNECTIONS
+    default_hint = "raise maxConnections (and the file descriptor limit) or use fewer connections"
+
+
 class IdentityError(DbmtlsError):
     """No client certificate is configured for the identity the app asked for."""
 
@@ -188,6 +221,26 @@ class TLSRefused(UpstreamError):
     default_hint = "enable TLS on the database server; dbmtls never falls back to plaintext"
 
 
+class PlaintextRefused(UpstreamError):
+    """tls.mode is DISABLE and the server closed the connection without a word."""
+
+    reason = Reason.SERVER_REFUSED_PLAINTEXT
+    default_hint = "the server probably requires TLS: set tls.mode to SIMPLE or MUTUAL"
+
+
+class UpstreamReset(UpstreamError):
+    """The server reset or aborted the connection in the middle of the conversation."""
+
+    reason = Reason.UPSTREAM_RESET
+    default_hint = "see the database server's log; the app got a reset, not a clean end of its reply"
+
+
+class AuthenticationFailed(UpstreamError):
+    """The server rejected the login; its own error message was relayed to the app."""
+
+    reason = Reason.AUTH_FAILED
+
+
 class UpstreamProtocolError(UpstreamError):
     """The server broke the protocol during the handshake (including injected plaintext)."""
 
@@ -197,6 +250,11 @@ class UpstreamProtocolError(UpstreamError):
 class TLSHandshakeError(UpstreamError):
     reason = Reason.HANDSHAKE_FAILED
     default_hint = "run 'dbmtls check' and compare the server certificate with the tls settings"
+
+
+class TLSVersionMismatch(TLSHandshakeError):
+    reason = Reason.TLS_VERSION
+    default_hint = "the server and tls.minProtocolVersion/maxProtocolVersion share no TLS version"
 
 
 class UnknownCA(TLSHandshakeError):

@@ -136,9 +136,14 @@ class Peer:
             self.transport.close()
 
     def reset(self, exc: BaseException | None = None) -> None:
-        """The peer's connection is lost (``exc``: how)."""
+        """The peer's connection is lost with an error (a reset by default, or ``exc``)."""
         self.transport.closing = True
         self.transport._connection_lost(exc or ConnectionResetError("connection reset by peer"))
+
+    def hang_up(self) -> None:
+        """The peer's connection ends cleanly (a close after which nothing more arrives)."""
+        self.transport.closing = True
+        self.transport._connection_lost(None)
 
     def pending(self) -> bytes:
         """What dbmtls wrote that the test has not taken yet."""

@@ -301,7 +301,8 @@ def test_override_of_unknown_database(tmp_path: Path) -> None:
 def test_override_of_other_fields_is_refused(tmp_path: Path) -> None:
     a = write(tmp_path, "a.yaml", yaml.safe_dump({"databases": [db()]}))
     o = write(tmp_path, "o.yaml", "overrides: {cache: {tls: {mode: DISABLE}}}\n")
-    with pytest.raises(ConfigError, match="may set only address, allowRemoteClients, dial, listen"):
+    allowed = "address, allowRemoteClients, dial, idleTimeout, listen, maxConnections"
+    with pytest.raises(ConfigError, match=f"may set only {allowed}"):
         load_config([a, o])
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from dbmtls.errors import (
     AppProtocolError,
     AppTLSError,
+    AuthenticationFailed,
     DbmtlsError,
     IdentityError,
     TLSHandshakeError,
@@ -535,7 +536,7 @@ def test_server_err_during_auth_is_relayed_renumbered_then_fails() -> None:
     up_to_auth(hs, greeting(), response())
     (fail,) = feed(hs, "server", packet(AUTH_DENIED, 3))
     assert isinstance(fail, Fail)
-    assert type(fail.error) is UpstreamError
+    assert type(fail.error) is AuthenticationFailed
     assert "1045" in str(fail.error)
     assert "28000" in str(fail.error)
     assert fail.to_app == packet(AUTH_DENIED, 2)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dbmtls.errors import (
+    AppClosedEarly,
     AppProtocolError,
     DbmtlsError,
     IdentityError,
@@ -374,7 +375,7 @@ def test_direct_tls_message_tells_the_user_what_to_do() -> None:
 
 @pytest.mark.parametrize("cut", [1, 3, 4, 7, 8, len(ALICE) - 1])
 def test_eof_in_the_middle_of_a_packet(cut: int) -> None:
-    with pytest.raises(AppProtocolError, match="in the middle of a startup packet"):
+    with pytest.raises(AppClosedEarly, match="in the middle of a startup packet"):
         feed(SSL_REQUEST + ALICE[:cut], eof=True)
 
 
@@ -405,7 +406,7 @@ def _run_fuzz(data: bytes, cuts: list[int], eof: bool) -> None:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     chunks = [data[a:b] for a, b in itertools.pairwise(points)]
     terminal = 0
-    error: AppProtocolError | None = None
+    error: AppProtocolError | AppClosedEarly | None = None
     try:
         for chunk in chunks:
             if chunk:
@@ -418,9 +419,11 @@ def _run_fuzz(data: bytes, cuts: list[int], eof: bool) -> None:
         if eof:
             hs.receive_data(b"")
             drain(hs)
-    except AppProtocolError as err:
+    except (AppProtocolError, AppClosedEarly) as err:
         error = err
-    if error is not None:
+    if isinstance(error, AppClosedEarly):
+        assert eof  # only an EOF can end a login early
+    elif error is not None:
         assert sqlstate(error.reason) == "08P01"
         assert error.wire_text().isascii()
     assert terminal <= 1

@@ -20,6 +20,7 @@ from dbmtls.errors import Reason
 from dbmtls.protocols import mysql
 from dbmtls.protocols import postgres as pg
 from dbmtls.protocols.mysql import CLIENT_SSL, packet
+from dbmtls.protocols.registry import REGISTRY
 from support.certs import PKI
 from support.mysql_wire import OK, greeting, response
 from support.pg_wire import encode_startup
@@ -28,7 +29,10 @@ from support.transcript import Harness, harness, tls_alert
 PING = b"*1\r\n$4\r\nPING\r\n"
 
 
-def config(pki: PKI, protocol: str, **tls: Any) -> Config:
+def config(pki: PKI, protocol: str, db_fields: dict[str, Any] | None = None, **tls: Any) -> Config:
+    if tls.get("mode") == "DISABLE":
+        db = {"name": "db", "protocol": protocol, "listen": "127.0.0.1:1", "address": "srv:1", "tls": tls}
+        return Config.model_validate({"databases": [{**db, **(db_fields or {})}]})
     settings: dict[str, Any] = {
         "mode": "MUTUAL",
         "clientCertificate": pki.client.cert,
@@ -38,20 +42,26 @@ def config(pki: PKI, protocol: str, **tls: Any) -> Config:
     }
     if "userCertificates" in tls:
         del settings["clientCertificate"], settings["privateKey"]
-    return Config.model_validate(
-        {
-            "databases": [
-                {"name": "db", "protocol": protocol, "listen": "127.0.0.1:1", "address": "srv:1", "tls": settings}
-            ]
-        }
-    )
+    db = {"name": "db", "protocol": protocol, "listen": "127.0.0.1:1", "address": "srv:1", "tls": settings}
+    return Config.model_validate({"databases": [{**db, **(db_fields or {})}]})
 
 
-def run(pki: PKI, protocol: str, script: Callable[[Harness], Awaitable[None]], **tls: Any) -> Harness:
+def run(
+    pki: PKI,
+    protocol: str,
+    script: Callable[[Harness], Awaitable[None]],
+    *,
+    db_fields: dict[str, Any] | None = None,
+    settle: bool = True,
+    **tls: Any,
+) -> Harness:
+    """Run ``script`` against a proxy for one database; with ``settle``, wait for every session."""
+
     async def main() -> Harness:
-        async with harness(config(pki, protocol, **tls)) as h:
+        async with harness(config(pki, protocol, db_fields, **tls)) as h:
             await script(h)
-            await h.finished()
+            if settle:
+                await h.finished()
             return h
 
     return asyncio.run(main())
@@ -73,7 +83,7 @@ def test_redis_relays_both_ways(pki: PKI) -> None:
         await server.expect(PING)
         server.send(b"+PONG\r\n")
         await app.expect(b"+PONG\r\n")
-        server.reset(None)  # the server closes: the app side follows
+        server.hang_up()  # the server closes: the app side follows
         assert await app.closed() == b""
 
     h = run(pki, "redis", script)
@@ -291,9 +301,9 @@ def test_postgres_cancel_goes_over_tls_with_the_sessions_identity(pki: PKI) -> N
         await cancel_server.expect(pg.SSL_REQUEST)
         cancel_server.send(b"S")
         await cancel_server.expect(cancel)
-        cancel_server.reset(None)
+        cancel_server.hang_up()
         assert await canceller.closed() == b""
-        server.reset(None)
+        server.hang_up()
         await app.closed()
 
     h = run(pki, "postgres", script, userCertificates=users)
@@ -324,7 +334,7 @@ def test_mysql_upgrade_and_relay(pki: PKI) -> None:
         await app.expect(packet(OK, 2))  # renumbered for the app
         app.send(b"\x01\x00\x00\x00\x01")  # COM_QUIT, relayed verbatim
         await server.expect(b"\x01\x00\x00\x00\x01")
-        server.reset(None)
+        server.hang_up()
         await app.closed()
 
     h = run(pki, "mysql", script)
@@ -399,3 +409,178 @@ def test_tcp_server_closing_without_a_byte_is_passed_on(pki: PKI) -> None:
 
     h = run(pki, "tcp", script)
     assert failure_of(h) is None
+
+
+# --- limits, timeouts and faults (what a sidecar that lives for months must say truthfully) -------
+
+AppPeer = Any  # support.transcript.Peer, for the exchange helpers below
+
+
+async def _refused_redis(app: AppPeer) -> bytes:
+    app.send(PING)
+    app.send_eof()
+    said: bytes = await app.closed()
+    return said
+
+
+async def _refused_postgres(app: AppPeer) -> bytes:
+    app.send(pg.SSL_REQUEST + startup())
+    await app.expect(b"N")
+    said: bytes = await app.closed()
+    return said
+
+
+async def _refused_silently(app: AppPeer) -> bytes:
+    said: bytes = await app.closed()
+    return said
+
+
+_TOO_MANY = b"dbmtls: [db] too many connections: 1 open to this database (maxConnections 1)"
+REFUSALS: dict[str, tuple[Callable[[AppPeer], Awaitable[bytes]], bytes]] = {
+    "redis": (_refused_redis, b"-ERR " + _TOO_MANY),
+    "mongodb": (_refused_silently, b""),
+    "tcp": (_refused_silently, b""),
+    "postgres": (_refused_postgres, b"C53300\x00M" + _TOO_MANY),
+    "cockroachdb": (_refused_postgres, b"C53300\x00M" + _TOO_MANY),
+    "mysql": (_refused_silently, b"\xff" + (1040).to_bytes(2, "little") + _TOO_MANY),
+    "mariadb": (_refused_silently, b"\xff" + (1040).to_bytes(2, "little") + _TOO_MANY),
+}
+
+
+@pytest.mark.parametrize("protocol", REFUSALS)
+def test_connection_limit_refuses_in_the_apps_protocol_and_never_dials(pki: PKI, protocol: str) -> None:
+    exchange, expected = REFUSALS[protocol]
+
+    async def script(h: Harness) -> None:
+        h.connect()  # holds the one slot, whatever it is doing
+        before = h.dialer.servers.qsize()
+        said = await exchange(h.connect())
+        assert h.dialer.servers.qsize() <= max(before, 1)  # the refused connection never dialled
+        assert expected in said, said
+
+    h = run(pki, protocol, script, db_fields={"maxConnections": 1}, settle=False)
+    assert h.runtime().stats.handshake_failures[Reason.TOO_MANY_CONNECTIONS] == 1
+
+
+def test_every_registered_protocol_is_covered_by_the_limit_test() -> None:
+    assert set(REFUSALS) == set(REGISTRY.names)  # a new driver must show it calls conn.admit()
+
+
+def test_idle_relayed_connection_is_closed_and_says_why(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(PING)
+        await server.expect(PING)
+        server.send(b"+PONG\r\n")
+        await app.expect(b"+PONG\r\n")
+        assert await app.closed() == b""  # nothing moves for idleTimeout: both sides closed
+        assert server.transport.closing and not server.transport.aborted
+
+    h = run(pki, "redis", script, db_fields={"idleTimeout": "200ms"})
+    (conn,) = h.conns
+    assert conn.error is None
+    assert conn.note is not None and conn.note.startswith("idle timeout (0.2s")
+
+
+def test_server_reset_mid_reply_is_passed_on_as_a_reset(pki: PKI) -> None:
+    get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(get)
+        await server.expect(get)
+        server.send(b"$10\r\nhalf")
+        await app.expect(b"$10\r\nhalf")
+        server.reset()
+        await app.closed()
+        assert app.transport.aborted  # the app sees a reset, not a clean end after half a reply
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is Reason.UPSTREAM_RESET
+    assert "after 9 bytes" in str(h.conns[0].error)
+
+
+def test_app_reset_is_passed_on_as_a_reset(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(PING)
+        await server.expect(PING)
+        app.reset()
+        await server.closed()
+        assert server.transport.aborted
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is None
+    assert h.conns[0].note == "the app reset the connection; passed on as a reset"
+
+
+def test_disable_mode_server_hanging_up_is_reported_as_wanting_tls(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(PING)
+        await server.expect(PING)  # plaintext, as configured
+        server.hang_up()
+        said = await app.closed()
+        assert said.startswith(b"-ERR dbmtls: [db] srv:1 closed the connection without answering (tls.mode is DISABLE)")
+
+    h = run(pki, "redis", script, mode="DISABLE")
+    assert failure_of(h) is Reason.SERVER_REFUSED_PLAINTEXT
+    assert h.dialer.contexts == []
+
+
+def test_postgres_rejected_login_is_counted_as_auth_failed(pki: PKI) -> None:
+    rejection = pg_msg(b"E", b'SFATAL\0VFATAL\0C28000\0Mcertificate authentication failed for user "alice"\0\0')
+
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        app.send(startup())
+        server = await h.dialer.server()
+        await server.expect(pg.SSL_REQUEST)
+        server.send(b"S")
+        await server.expect(startup())
+        server.send(rejection)
+        server.hang_up()
+        assert await app.closed() == rejection  # the server's own words reach the app
+
+    h = run(pki, "postgres", script)
+    assert failure_of(h) is Reason.AUTH_FAILED
+    assert "28000 certificate authentication failed" in str(h.conns[0].error)
+
+
+def test_postgres_app_giving_up_after_n_is_explained_in_the_log(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        app.send(pg.SSL_REQUEST)
+        await app.expect(b"N")
+        app.send_eof()
+        assert await app.closed() == b""
+
+    h = run(pki, "postgres", script)
+    assert failure_of(h) is Reason.APP_CLOSED
+    err = h.conns[0].error
+    assert err is not None and "sslmode=disable or prefer" in (err.hint or "")
+
+
+def test_postgres_port_probe_is_not_a_failure(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        app.send_eof()
+        assert await app.closed() == b""
+
+    h = run(pki, "postgres", script)
+    assert failure_of(h) is None
+
+
+def test_postgres_slow_loris_app_is_timed_out(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        app.send(startup()[:5])  # and never the rest
+        assert await app.closed() == b""
+
+    h = run(pki, "postgres", script, db_fields={"handshakeTimeout": "100ms"})
+    assert failure_of(h) is Reason.APP_TIMEOUT
+    assert h.dialer.servers.empty()

@@ -31,6 +31,7 @@ from dbmtls.errors import (
     NameMismatch,
     TLSHandshakeError,
     TLSRefused,
+    TLSVersionMismatch,
     UnknownCA,
     UpstreamError,
     UpstreamTimeout,
@@ -292,7 +293,7 @@ def test_server_not_speaking_tls(pki: PKI) -> None:
 def test_no_common_version(pki: PKI) -> None:
     ctx = _client_ctx(pki, max_version="TLSV1_2")
     err = _classify(_handshake(ctx, _tls13_only(pki), "localhost"))
-    assert type(err) is TLSHandshakeError
+    assert type(err) is TLSVersionMismatch
     assert "no common protocol version (TLSV1_ALERT_PROTOCOL_VERSION)" in err.message
 
 

@@ -14,7 +14,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from dbmtls.protocols.registry import REGISTRY
 from dbmtls.protocols.spec import ProtocolSpec
@@ -151,6 +151,12 @@ class DatabaseConfig(_Model):
     directTls: bool = False  # noqa: N815
     connectTimeout: Duration = 5.0  # noqa: N815
     handshakeTimeout: Duration = 10.0  # noqa: N815
+    # Close a relayed connection after this long without a byte either way (Envoy's TCP
+    # proxy default): a silent app must not hold a server session forever.
+    idleTimeout: Duration = 3600.0  # noqa: N815
+    # At most this many app connections at once for this database; more get the protocol's
+    # "too many connections" error.  None: only the process-wide limit applies.
+    maxConnections: PositiveInt | None = None  # noqa: N815
     # Where a DestinationRule or an override asked to dial somewhere other than the
     # verified name: the TLS names stay those of ``address``.
     dial: str | None = None
@@ -252,6 +258,9 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     drainTimeout: Duration = 30.0  # noqa: N815
+    # At most this many app connections at once in the whole process.  None: as many as the
+    # file descriptor limit allows (two descriptors each, some kept for the admin server).
+    maxConnections: PositiveInt | None = None  # noqa: N815
     certificateExpiryWarning: Duration = 7 * 86400.0  # noqa: N815
 
     @model_validator(mode="after")

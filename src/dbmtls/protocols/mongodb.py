@@ -62,6 +62,10 @@ OP_MSG = 2013
 HEADER_SIZE = 16
 # mongod's maxMessageSizeBytes is 48,000,000; 48 MiB leaves room and bounds the buffer.
 MAX_MESSAGE_SIZE = 48 * 1024 * 1024
+# What dbmtls reads of an app's request while it answers errors: a driver's connection
+# handshake (hello / isMaster) is a few hundred bytes; a bigger request is not answered but
+# closed, so a failing connection never holds up to MAX_MESSAGE_SIZE.
+MAX_ANSWERED_SIZE = 1024 * 1024
 
 # OP_MSG flagBits: bits 0-15 are "required" (an unknown one must make the receiver fail).
 MSG_CHECKSUM_PRESENT = 1 << 0
@@ -91,18 +95,18 @@ class Message:
     body: bytes  # everything after the 16-byte header
 
 
-def parse_header(data: bytes | bytearray) -> MsgHeader | None:
+def parse_header(data: bytes | bytearray, limit: int = MAX_MESSAGE_SIZE) -> MsgHeader | None:
     """The header at the start of ``data``; None if fewer than 16 bytes are there.
 
-    Raises MongoProtocolError if ``messageLength`` is outside 16 .. MAX_MESSAGE_SIZE.
+    Raises MongoProtocolError if ``messageLength`` is outside 16 .. ``limit``.
     """
     if len(data) < HEADER_SIZE:
         return None
     length, request_id, response_to, op_code = _HEADER.unpack_from(data)
     if length < HEADER_SIZE:
         raise MongoProtocolError(f"messageLength {length} is shorter than the 16-byte header")
-    if length > MAX_MESSAGE_SIZE:
-        raise MongoProtocolError(f"messageLength {length} exceeds the {MAX_MESSAGE_SIZE}-byte limit")
+    if length > limit:
+        raise MongoProtocolError(f"messageLength {length} exceeds the {limit}-byte limit")
     return MsgHeader(length, request_id, response_to, op_code)
 
 
@@ -113,7 +117,8 @@ class MessageReader:
     why and everything after the last whole message is dropped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_MESSAGE_SIZE) -> None:
+        self._limit = limit
         self._buf = bytearray()
         self._header: MsgHeader | None = None
         self.error: MongoProtocolError | None = None
@@ -127,7 +132,7 @@ class MessageReader:
         while True:
             if self._header is None:
                 try:
-                    self._header = parse_header(self._buf)
+                    self._header = parse_header(self._buf, self._limit)
                 except MongoProtocolError as exc:
                     self.error = exc
                     self._buf.clear()
@@ -289,7 +294,7 @@ class ErrorAnswers:
 
     def __init__(self, err: DbmtlsError, first_request_id: int = 1) -> None:
         self._err = err
-        self._reader = MessageReader()
+        self._reader = MessageReader(MAX_ANSWERED_SIZE)
         self._next_id = first_request_id
         self.broken = False
 
@@ -309,7 +314,7 @@ class ErrorAnswers:
         if self._reader.error is not None:
             self.broken = True
         if self.broken:
-            self._reader = MessageReader()  # drop what it kept: nothing more is read
+            self._reader = MessageReader(MAX_ANSWERED_SIZE)  # drop what it kept: nothing more is read
         return replies
 
     def unprompted(self) -> bytes | None:

@@ -140,8 +140,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from dbmtls.errors import (
+    AppClosedEarly,
     AppProtocolError,
     AppTLSError,
+    AuthenticationFailed,
     DbmtlsError,
     Reason,
     TLSRefused,
@@ -825,13 +827,13 @@ class MySQLHandshake:
         if not data:
             # Nobody is left to read an ERR packet.
             if self._state is MySQLState.APP_RESPONSE and not self._app_buf:
-                err = AppProtocolError(
+                err = AppClosedEarly(
                     "the application closed the connection after the greeting "
                     "(does it require TLS, e.g. ssl-mode=REQUIRED?)",
                     hint=_PLAINTEXT_HINT,
                 )
             else:
-                err = AppProtocolError("the application closed the connection during the handshake")
+                err = AppClosedEarly("the application closed the connection during the login")
             self._fail(err, b"")
             return
         self._app_buf += data
@@ -947,7 +949,7 @@ class MySQLHandshake:
                 return
             if kind == 0xFF:
                 errno, sqlstate, message = parse_err(payload)
-                err = UpstreamError(f"the server rejected the login: ERR {errno} ({sqlstate or '-'}): {message}")
+                err = AuthenticationFailed(f"the server rejected the login: ERR {errno} ({sqlstate or '-'}): {message}")
                 self._fail(err, packet(payload, self._app_next))
                 return
             if kind == 0xFE:
@@ -979,9 +981,11 @@ class MySQLHandshake:
 
 ER_HANDSHAKE_ERROR: Final = (1043, "08S01")
 ER_ACCESS_DENIED_ERROR: Final = (1045, "28000")
+ER_CON_COUNT_ERROR: Final = (1040, "08004")  # "Too many connections"
 _ERROR_CODES: Final[dict[Reason, tuple[int, str]]] = {
     Reason.NO_CERTIFICATE_FOR_USER: ER_ACCESS_DENIED_ERROR,
     Reason.CLIENT_CERT_REJECTED: ER_ACCESS_DENIED_ERROR,
+    Reason.TOO_MANY_CONNECTIONS: ER_CON_COUNT_ERROR,
 }
 
 

@@ -82,6 +82,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from dbmtls.errors import (
+    AppClosedEarly,
     AppProtocolError,
     AppTLSError,
     DbmtlsError,
@@ -112,6 +113,7 @@ __all__ = [
     "CancelRequest",
     "FirstReply",
     "FirstReplyDone",
+    "LoginRejected",
     "NeedData",
     "Reply",
     "Startup",
@@ -217,11 +219,16 @@ class AppHandshake:
         self._ssl_requests = 0
         self._gss_requests = 0
         self._state = AppState.READING
-        self._error: AppProtocolError | None = None
+        self._error: AppProtocolError | AppClosedEarly | None = None
 
     @property
     def state(self) -> AppState:
         return self._state
+
+    @property
+    def refused_ssl(self) -> bool:
+        """An SSLRequest was answered 'N' (an app that then hangs up wanted TLS to us)."""
+        return self._ssl_requests > 0
 
     @property
     def trailing_data(self) -> bytes:
@@ -249,7 +256,7 @@ class AppHandshake:
             raise self._error
         try:
             return self._next_event()
-        except AppProtocolError as err:
+        except (AppProtocolError, AppClosedEarly) as err:
             self._state = AppState.ERROR
             self._error = err
             raise
@@ -355,7 +362,7 @@ class AppHandshake:
 
     def _need_more(self) -> NeedData:
         if self._eof:
-            raise AppProtocolError("the application closed the connection in the middle of a startup packet")
+            raise AppClosedEarly("the application closed the connection in the middle of a startup packet")
         return NeedData()
 
     @staticmethod
@@ -549,12 +556,14 @@ CONNECTION_FAILURE: Final = "08006"
 PROTOCOL_VIOLATION: Final = "08P01"
 UNABLE_TO_CONNECT: Final = "08001"  # sqlclient_unable_to_establish_sqlconnection
 INVALID_AUTHORIZATION: Final = "28000"  # invalid_authorization_specification
+TOO_MANY_CONNECTIONS: Final = "53300"  # what the server says past max_connections
 _SQLSTATES: Final[Mapping[Reason, str]] = {
     Reason.APP_PROTOCOL: PROTOCOL_VIOLATION,
     Reason.NO_CERTIFICATE_FOR_USER: INVALID_AUTHORIZATION,
     Reason.CLIENT_CERT_REJECTED: INVALID_AUTHORIZATION,
     Reason.CONNECTION_REFUSED: UNABLE_TO_CONNECT,
     Reason.TIMEOUT: UNABLE_TO_CONNECT,
+    Reason.TOO_MANY_CONNECTIONS: TOO_MANY_CONNECTIONS,
 }
 
 
@@ -589,6 +598,17 @@ def error_response(err: DbmtlsError, *, severity: str = "FATAL", detail: str | N
 
 
 _K_MAX_LENGTH: Final = 4 + 4 + MAX_CANCEL_KEY
+# Of a login-time ErrorResponse, only this much is kept: enough for its code and message.
+_E_KEEP: Final = 1024
+
+
+def _error_fields(body: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse body (``code value 00 ... 00``), tolerant of truncation."""
+    fields: dict[str, str] = {}
+    for part in body.split(b"\x00"):
+        if len(part) >= 1:
+            fields.setdefault(chr(part[0]), sanitize(part[1:].decode("utf-8", "replace"), limit=300))
+    return fields
 
 
 @dataclass(frozen=True)
@@ -597,6 +617,14 @@ class BackendKey:
 
     pid: int
     key: bytes
+
+
+@dataclass(frozen=True)
+class LoginRejected:
+    """An ErrorResponse before AuthenticationOk: the server refused the login (the app sees it)."""
+
+    sqlstate: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -618,14 +646,14 @@ class BackendScanner:
         self.done = False
         self.auth_ok = False
         self.auth_error = False
-        self._events: deque[BackendKey | StartupDone] = deque()
+        self._events: deque[BackendKey | LoginRejected | StartupDone] = deque()
         self._header = bytearray()
         self._type = 0
         self._remaining: int | None = None  # body bytes still to come; None = reading a header
         self._keep = 0  # how many body bytes to keep
         self._body = bytearray()
 
-    def next_event(self) -> BackendKey | StartupDone | NeedData:
+    def next_event(self) -> BackendKey | LoginRejected | StartupDone | NeedData:
         return self._events.popleft() if self._events else NeedData()
 
     def receive_data(self, data: bytes) -> None:
@@ -665,7 +693,8 @@ class BackendScanner:
             return
         if mtype == ord("E") and not self.auth_ok:
             self.auth_error = True
-        if mtype == ord("K"):
+            self._keep = min(length - 4, _E_KEEP)
+        elif mtype == ord("K"):
             if not 8 + MIN_CANCEL_KEY <= length <= _K_MAX_LENGTH:
                 raise UpstreamProtocolError(f"server sent BackendKeyData with invalid length {length}")
             self._keep = length - 4
@@ -683,6 +712,9 @@ class BackendScanner:
             self._events.append(BackendKey(int.from_bytes(self._body[0:4], "big"), bytes(self._body[4:])))
         elif self._type == ord("R") and self._body == b"\x00\x00\x00\x00":
             self.auth_ok = True  # AuthenticationOk
+        elif self._type == ord("E") and not self.auth_ok:
+            fields = _error_fields(bytes(self._body))
+            self._events.append(LoginRejected(fields.get("C", "?????"), fields.get("M", "")))
         self._body.clear()
 
 

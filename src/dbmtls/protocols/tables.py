@@ -65,7 +65,8 @@ def _families(registry: Registry) -> list[tuple[str, Callable[[Reason], str]]]:
 
 def _without_users(code: Callable[[Reason], str]) -> Callable[[Reason], str]:
     def spelled(reason: Reason) -> str:
-        return "—" if reason is Reason.NO_CERTIFICATE_FOR_USER else code(reason)
+        # without a user known before TLS there are neither per-user certificates nor a login to fail
+        return "—" if reason in (Reason.NO_CERTIFICATE_FOR_USER, Reason.AUTH_FAILED) else code(reason)
 
     return spelled
 
@@ -77,9 +78,22 @@ def errors_table(registry: Registry = REGISTRY) -> str:
         "|---|---|" + "---|" * len(families),
     ]
     for reason in CONNECTION_FAILURES:
-        codes = " | ".join(_cell(code(reason)) for _, code in families)
+        codes = " | ".join(
+            _cell(code(reason)) if code(reason) == "—" else _NOT_SPELLED.get(reason) or _cell(code(reason))
+            for _, code in families
+        )
         rows.append(f"| {DESCRIPTIONS[reason]} | `{reason.value}` | {codes} |")
     return "\n".join(rows)
+
+
+# Failures dbmtls does not spell itself: nobody is left to tell, the stream is already under
+# way (the reset is passed on), or the server's own error reached the app.
+_NOT_SPELLED = {
+    Reason.APP_CLOSED: "—",
+    Reason.APP_TIMEOUT: "close",
+    Reason.UPSTREAM_RESET: "reset",
+    Reason.AUTH_FAILED: "server's own",
+}
 
 
 def _cell(code: str) -> str:

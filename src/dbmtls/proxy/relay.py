@@ -12,7 +12,11 @@ the other transport.  Everything else happens off the per-chunk path:
   the server side stays open while it keeps sending and is closed once it has
   been quiet for ``HALF_CLOSE_LINGER`` seconds (checked by a timer that compares
   byte counters, not per chunk);
-* close: when one side is gone, the other is closed after its buffer drains.
+* close: when one side is gone cleanly, the other is closed after its buffer drains;
+  when one side is lost with an error (a reset, a TLS failure) the other is *aborted*,
+  so a truncated reply is never passed on as a clean end of stream (``failure`` says which);
+* idle timeout: a timer compares the byte counters every quarter of ``idle_timeout``
+  and closes both sides once nothing moved for that long (``idled`` says so).
 
 Byte counters are plain ints on the halves; metrics read them when scraped.
 """
@@ -101,6 +105,7 @@ class Relay:
         upstream_pending: bytes = b"",
         early_upstream_error: Callable[[BaseException], bytes | None] | None = None,
         expect_reply: bool = False,
+        idle_timeout: float | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -109,6 +114,13 @@ class Relay:
         # Client-first protocols (Redis, MongoDB): a server that closes before its first byte,
         # while the app is still there, has failed, even when its transport closed cleanly.
         self._expect_reply = expect_reply
+        # Which side was lost with an error first ("app" / "upstream"), once one was.
+        self.failed_side: str | None = None
+        self.idled = False
+        self._idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_seen = -1
+        self._idle_since = loop.time()
         self._linger: asyncio.TimerHandle | None = None
         self._lost = 0
         self.app_t = app
@@ -126,6 +138,9 @@ class Relay:
             self.from_up.nbytes += len(upstream_pending)
         app.set_protocol(self.from_app)
         upstream.set_protocol(self.from_up)
+        if idle_timeout is not None:
+            self._idle_seen = self.from_app.nbytes + self.from_up.nbytes
+            self._idle_timer = loop.call_later(idle_timeout / 4, self._idle_check)
         for t in (app, upstream):
             if t.is_closing():
                 # closed while the handshake finished: make sure both go
@@ -199,22 +214,41 @@ class Relay:
         if exc is None and self._server_went_silent(half):
             exc = ConnectionResetError("the server closed the connection before answering")
         self._lost += 1
-        if exc is not None and self.error is None:
+        peer = half.peer
+        if exc is not None and self.error is None and self._lost == 1:
             self.error = exc
+            self.failed_side = "app" if half is self.from_app else "upstream"
             if half is self.from_up and self.from_up.nbytes == 0 and self._early is not None:
                 # The server failed before its first byte: with TLS 1.3 a rejected client
                 # certificate shows up only now, as an alert.  Say so in the app's protocol.
                 message = self._early(exc)
                 if message and not self.app_t.is_closing():
                     self.app_t.write(message)
-        peer = half.peer
-        if not peer.is_closing():
+                peer.close()
+            else:
+                # Lost with an error mid-stream: pass it on as an abort, never as a clean end.
+                peer.abort()
+        elif not peer.is_closing():
             peer.close()  # flushes what is buffered first
         if self._lost >= 2:
-            if self._linger is not None:
-                self._linger.cancel()
+            for timer in (self._linger, self._idle_timer):
+                if timer is not None:
+                    timer.cancel()
             if not self.done.done():
                 self.done.set_result(None)
+
+    def _idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        moved = self.from_app.nbytes + self.from_up.nbytes
+        if moved != self._idle_seen:
+            self._idle_seen = moved
+            self._idle_since = loop.time()
+        assert self._idle_timeout is not None
+        if loop.time() - self._idle_since >= self._idle_timeout:
+            self.idled = True
+            self._close_both()
+            return
+        self._idle_timer = loop.call_later(self._idle_timeout / 4, self._idle_check)
 
     def _close_both(self) -> None:
         for t in (self.app_t, self.up_t):

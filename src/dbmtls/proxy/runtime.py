@@ -90,6 +90,7 @@ class DatabaseRuntime:
         self.dialer = dialer
         self.stats = Stats()
         self.active: set[Conn] = set()
+        self.relayed = 0  # of ``active``, those admitted (not being refused)
         self.listening = False
 
     @property
@@ -113,6 +114,13 @@ class Conn:
     relay: Relay | None = None
     upstream: Endpoint | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"
+    refused: DbmtlsError | None = None  # set at accept when a connection limit is reached
+
+    def admit(self) -> None:
+        """Raise the refusal decided at accept, if any.  Every session calls this at the first
+        point where its protocol can say "too many connections", and before it dials."""
+        if self.refused is not None:
+            raise self.refused
 
     @property
     def bytes_from_app(self) -> int:

@@ -17,10 +17,11 @@ import stat
 import time
 
 from dbmtls.config.model import Config, split_host_port
-from dbmtls.errors import ConfigError, DbmtlsError
+from dbmtls.errors import ConfigError, DbmtlsError, Reason, TooManyConnections
 from dbmtls.logs import CONN_LOG, LOG
 from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.limits import Admission, raise_fd_limit
 from dbmtls.proxy.notice import tell_app
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
 from dbmtls.proxy.upstream import Dialer
@@ -63,6 +64,9 @@ class Proxy:
     def __init__(self, config: Config, *, dialer: Dialer | None = None) -> None:
         self.config = config
         dialer = dialer or Dialer()
+        self.fd_limits = raise_fd_limit()
+        fd_limit = self.fd_limits[1]
+        self.admission = Admission(config.maxConnections, fd_limit)
         self.runtimes = {db.name: DatabaseRuntime(db, dialer) for db in config.databases}
         self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
         self._servers: list[asyncio.Server] = []
@@ -97,6 +101,16 @@ class Proxy:
         return problems
 
     async def start(self) -> None:
+        before, after = self.fd_limits
+        LOG.info(
+            "connection limits",
+            extra={
+                "fields": {
+                    "fd_limit": after if after == before else f"{after} (raised from {before})",
+                    "max_connections": self.admission.max_connections,
+                }
+            },
+        )
         self.load_material()
         loop = asyncio.get_running_loop()
         for rt in self.runtimes.values():
@@ -148,7 +162,29 @@ class Proxy:
         if self.draining:
             ep.abort()
             return
+        verdict = self.admission.decide(rt.db.maxConnections, rt.relayed)
+        if verdict == "drop":
+            ep.abort()
+            self.admission.dropped += 1
+            rt.stats.handshake_failures[Reason.TOO_MANY_CONNECTIONS] += 1
+            if self.admission.should_log_drop():
+                LOG.error(
+                    "connections dropped at accept: no file descriptor left to answer them",
+                    extra={"fields": {"db": rt.name, "dropped_so_far": self.admission.dropped}},
+                )
+            return
         conn = Conn(rt, ep, _peer_name(ep))
+        if verdict == "refuse":
+            per_db = rt.db.maxConnections
+            if per_db is not None and rt.relayed >= per_db:
+                why = f"{rt.relayed} open to this database (maxConnections {per_db})"
+            else:
+                why = f"{self.admission.relayed} open in dbmtls (limit {self.admission.max_connections})"
+            conn.refused = TooManyConnections(f"too many connections: {why}")
+            self.admission.refusing += 1
+        else:
+            self.admission.relayed += 1
+            rt.relayed += 1
         rt.stats.accepted += 1
         rt.active.add(conn)
         task = asyncio.get_running_loop().create_task(self._run(conn))
@@ -177,6 +213,11 @@ class Proxy:
             LOG.exception("internal error on a connection", extra={"fields": {"db": rt.name}})
             _abort(conn)
         finally:
+            if conn.refused is not None:
+                self.admission.refusing -= 1
+            else:
+                self.admission.relayed -= 1
+                rt.relayed -= 1
             rt.active.discard(conn)
             rt.stats.closed += 1
             rt.stats.bytes_from_app += conn.bytes_from_app

@@ -17,7 +17,7 @@ import asyncio
 import ssl
 import time
 
-from dbmtls.errors import DbmtlsError, UpstreamError, UpstreamProtocolError
+from dbmtls.errors import DbmtlsError, PlaintextRefused, UpstreamError, UpstreamProtocolError
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.runtime import Conn
 from dbmtls.tls.context import check_peer_names, classify, needs_name_check
@@ -39,6 +39,9 @@ class Dialer:
         server checks our certificate after *our* side of the handshake is complete, so a
         rejected client certificate arrives as an alert on the first read.
         """
+        if not conn.rt.tls.enabled and isinstance(exc, ConnectionError | EOFError):
+            # no TLS was attempted, so "closed during the TLS handshake" would be a lie
+            return PlaintextRefused(f"{target(conn)} closed the connection without answering (tls.mode is DISABLE)")
         return classify(exc, target=target(conn), server_name=conn.rt.db.server_name)
 
     async def open(self, conn: Conn, ep: Endpoint) -> None:

@@ -29,6 +29,7 @@ from dbmtls.errors import (
     NameMismatch,
     TLSHandshakeError,
     TLSRefused,
+    TLSVersionMismatch,
     UnknownCA,
     UpstreamError,
     UpstreamTimeout,
@@ -188,7 +189,7 @@ def classify(exc: BaseException, *, target: str, server_name: str) -> UpstreamEr
         if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
             return TLSRefused(f"server {target} did not answer with TLS (is TLS enabled on that port?)")
         if "VERSION" in reason or "PROTOCOL" in reason:
-            return TLSHandshakeError(f"TLS handshake with {target} failed: no common protocol version ({reason})")
+            return TLSVersionMismatch(f"TLS handshake with {target} failed: no common protocol version ({reason})")
         return TLSHandshakeError(f"TLS handshake with {target} failed: {reason or exc}")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"timed out talking to {target}")

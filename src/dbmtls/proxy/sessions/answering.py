@@ -58,6 +58,7 @@ class AnsweringSession:
 
     async def run(self, conn: Conn) -> None:
         conn.notice = AnswerRequests(self.answerer)
+        conn.admit()
         up = await self.rt.dialer.dial(conn)
         first = await _first_app_bytes(conn)
         conn.notice = AnswerRequests(self.answerer, seen=first)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dbmtls.errors import DbmtlsError
+from dbmtls.errors import DbmtlsError, UpstreamReset
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import Relay
 from dbmtls.proxy.runtime import Conn
@@ -33,6 +33,8 @@ async def run_relay(
         # certificate while we waited for the app).  Its connection_lost was delivered to the
         # Endpoint already, so a relay would wait for it forever: settle it here.
         to_app = upstream_pending + up.take()
+        if watch_upstream is not None:
+            watch_upstream(to_app)  # what the server said is seen, even when it said it and left
         up.close()
         if up.closed and not conn.app.closed and not to_app:
             raise dialer.failure(conn, up.error or ConnectionResetError("the server closed the connection"))
@@ -56,6 +58,7 @@ async def run_relay(
         upstream_pending=upstream_pending + up_buf,
         early_upstream_error=early,
         expect_reply=expect_reply,
+        idle_timeout=conn.rt.db.idleTimeout,
     )
     conn.relay = relay
     conn.app.successor = relay.from_app
@@ -65,6 +68,16 @@ async def run_relay(
     if conn.app.eof_seen:
         relay.app_eof_before_start()
     await relay.done
+    if relay.idled:
+        conn.note = f"idle timeout ({conn.rt.db.idleTimeout:g}s without a byte either way)"
     if late:
         conn.notice = None  # the relay told the app already, and closed its side
         raise late[0]
+    if relay.failed_side == "upstream":
+        conn.notice = None  # mid-stream: the app got the reset, there is no way to say more
+        raise UpstreamReset(
+            f"the server's connection was lost after {relay.bytes_from_upstream} bytes "
+            f"({type(relay.error).__name__}: {relay.error}); the app's connection was reset"
+        )
+    if relay.failed_side == "app":
+        conn.note = "the app reset the connection; passed on as a reset"

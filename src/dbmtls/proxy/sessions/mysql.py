@@ -98,6 +98,7 @@ class MySQLSession:
     async def run(self, conn: Conn) -> None:
         machine = mysql.MySQLHandshake(database=self.rt.name)
         conn.notice = Reply(machine.fail)
+        conn.admit()  # MySQL says "too many connections" in place of the greeting, as the server does
         key = asyncio.ensure_future(_ensure_rsa_key())  # made while we connect
         try:
             up = await self.dialer.connect(conn)

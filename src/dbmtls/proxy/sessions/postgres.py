@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from dbmtls.errors import AppTLSError, DbmtlsError, UpstreamTimeout
+from dbmtls.errors import AppClosedEarly, AppTimeout, AppTLSError, AuthenticationFailed, DbmtlsError, UpstreamTimeout
 from dbmtls.protocols import postgres as pg
 from dbmtls.protocols.events import NeedData
 from dbmtls.proxy.endpoint import Endpoint
@@ -47,9 +47,10 @@ from dbmtls.proxy.runtime import Conn, DatabaseRuntime
 from dbmtls.proxy.sessions.common import run_relay
 from dbmtls.proxy.upstream import target
 
-# How long an app may take to send its startup packet(s); the server's own
-# authentication_timeout is 60 s, but a client that says nothing for this long is broken.
-APP_STARTUP_TIMEOUT = 30.0
+# How long an app may take to send its startup packet(s), in handshakeTimeouts (30 s by
+# default; the server's own authentication_timeout is 60 s): a slow-loris app must not hold
+# a connection slot for ever.
+APP_STARTUP_TIMEOUT_FACTOR = 3.0
 # How long to wait for the server to close a cancel connection after the CancelRequest.
 CANCEL_CLOSE_TIMEOUT = 5.0
 
@@ -71,11 +72,25 @@ class PostgresSession:
             # The app speaks TLS (direct TLS): plaintext would only confuse it; it gets the close.
             conn.notice = None
             raise
-        except (TimeoutError, OSError):
+        except TimeoutError:
+            conn.notice = None
+            raise AppTimeout(
+                "the application sent no complete startup packet within "
+                f"{APP_STARTUP_TIMEOUT_FACTOR * conn.rt.db.handshakeTimeout:g}s"
+            ) from None
+        except OSError:
             conn.app.close()
             return
         if isinstance(event, pg.AppClosed):
-            conn.app.close()  # e.g. sslmode=require giving up after our 'N'
+            conn.notice = None
+            if machine.refused_ssl:
+                # sslmode=require (or verify-*) gives up after our 'N': say why in the log.
+                raise AppClosedEarly(
+                    "the application closed the connection after dbmtls answered its SSLRequest with N",
+                    hint="the app requires TLS to dbmtls (sslmode=require or verify-*): connect with "
+                    "sslmode=disable or prefer; dbmtls adds verified TLS toward the database",
+                )
+            conn.app.close()  # a port probe: connected and left without a word
             return
         if isinstance(event, pg.CancelRequest):
             await self._cancel(conn, event)
@@ -89,20 +104,24 @@ class PostgresSession:
         # The app waits for 'R' or 'E' now: every failure becomes an ErrorResponse naming the database.
         detail = f"database {startup.database!r} via {target(conn)}"
         conn.notice = Reply(lambda err: pg.error_response(err, detail=detail))
+        conn.admit()
         up = await self._open_upstream(conn, startup.user)
         up.write(startup.raw + trailing)
         first = await self._first_reply(conn, up)
         keys: list[tuple[int, bytes]] = []
+        rejected: list[pg.LoginRejected] = []
         scanner = pg.BackendScanner()
 
         def watch(data: bytes) -> bool:
-            """Learn BackendKeyData during startup; True once startup is over."""
+            """Learn BackendKeyData (and a rejected login) during startup; True once it is over."""
             try:
                 scanner.receive_data(data)
                 while not isinstance(event := scanner.next_event(), NeedData):
                     if isinstance(event, pg.BackendKey):
                         self.backends[(event.pid, event.key)] = startup.user
                         keys.append((event.pid, event.key))
+                    elif isinstance(event, pg.LoginRejected):
+                        rejected.append(event)
             except DbmtlsError:
                 return True  # only cancel routing suffers: the relay passes the bytes on anyway
             return scanner.done
@@ -112,12 +131,17 @@ class PostgresSession:
         finally:
             for k in keys:
                 self.backends.pop(k, None)
+        if rejected:
+            conn.notice = None  # the app read the server's own ErrorResponse
+            raise AuthenticationFailed(
+                f"the server rejected the login of {startup.user!r}: {rejected[0].sqlstate} {rejected[0].message}"
+            )
 
     @staticmethod
     async def _read_app_startup(conn: Conn, machine: pg.AppHandshake) -> pg.AppEvent:
         """Answer SSL/GSSENC requests with 'N' until a Startup, CancelRequest or close."""
         app = conn.app
-        async with asyncio.timeout(APP_STARTUP_TIMEOUT):
+        async with asyncio.timeout(APP_STARTUP_TIMEOUT_FACTOR * conn.rt.db.handshakeTimeout):
             while True:
                 event = machine.next_event()
                 if isinstance(event, pg.Reply):
@@ -198,6 +222,7 @@ class PostgresSession:
     async def _cancel(self, conn: Conn, request: pg.CancelRequest) -> None:
         conn.note = "cancel request"
         conn.notice = None  # no reply exists for a cancel: a failure is logged and the app closed
+        conn.admit()
         user = self._cancel_identity(request)
         conn.user = user
         up = await self._open_upstream(conn, user)

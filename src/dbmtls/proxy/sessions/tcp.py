@@ -11,5 +11,6 @@ class TcpSession:
         self.rt = rt
 
     async def run(self, conn: Conn) -> None:
+        conn.admit()
         up = await self.rt.dialer.dial(conn)
         await run_relay(conn, up)
