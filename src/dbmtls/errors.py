@@ -146,9 +146,17 @@ class ConfigError(DbmtlsError):
 
     reason = Reason.CONFIG
 
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
     def __init__(self, message: str, *, source: str | None = None, path: str | None = None) -> None:
-        self.source = source
-        self.path = path
+        self._source = source
+        self._path = path
         where = ": ".join(p for p in (source, path) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -39,6 +39,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self._protocol = protocol
         self.written = bytearray()
+        self.written_after_close = 0
         self.closing = False
         self.aborted = False
         self.reading = True
@@ -51,6 +52,8 @@ class FakeTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing:
+            # a real transport refuses or drops this; the harness makes it visible
+            self.written_after_close += len(data)
             return
         self.written += data
         self.changed.set()
@@ -109,7 +112,7 @@ class FakeTransport(asyncio.Transport):
         if name == "peername":
             return ("127.0.0.1", 50000)
         if name == "ssl_object":
-            return None
+            return self if self.tls else None  # the relay only asks whether there is one
         return default
 
 
@@ -195,11 +198,13 @@ class ScriptedDialer(Dialer):
         self.refuse: BaseException | None = None  # what the OS says instead of connecting
         self.handshake_error: BaseException | None = None  # what OpenSSL says instead of a handshake
         self.contexts: list[ssl.SSLContext] = []  # the context (identity) of every handshake, in order
+        self.transports: list[FakeTransport] = []
 
     async def open(self, conn: Conn, ep: Endpoint) -> None:
         if self.refuse is not None:
             raise self.refuse
         transport = FakeTransport(ep)
+        self.transports.append(transport)
         ep.connection_made(transport)
         self.servers.put_nowait(Peer("server", transport))
 
@@ -234,6 +239,7 @@ class Harness:
         rt = self.runtime(name)
         accepted = _Accepted(self.proxy, rt)
         transport = FakeTransport(accepted)
+        self.dialer.transports.append(transport)
         accepted.connection_made(transport)
         self.conns.extend(c for c in rt.active if c not in self.conns)
         return Peer("app", transport)
@@ -256,6 +262,8 @@ async def harness(config: Config) -> AsyncIterator[Harness]:
         h.proxy.close_all()
         if h.proxy._tasks:
             await asyncio.wait(list(h.proxy._tasks), timeout=STEP_TIMEOUT)
+    late = [t.written_after_close for t in h.dialer.transports if t.written_after_close]
+    assert not late, f"dbmtls wrote {late} bytes to transports it had already closed"
 
 
 def tls_alert(reason: str) -> ssl.SSLError:

@@ -42,3 +42,6 @@ def test_no_reference_to_documents_outside_the_repository(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     for outside in ("protocols.md", "anchors.md", "style.md", "seed-scenario.md", "shared/reference"):
         assert outside not in text, f"{path.relative_to(ROOT)} refers to {outside}, which is not in the repository"
+    # section numbers of a document that is not here ("1.6 step 5", "rule 0.1", "section 2")
+    stray = re.search(r"\b(?:rule \d+\.\d+|section \d+(?:\.\d+)?|\d+\.\d+ step \d+)\b", text)
+    assert stray is None, f"{path.relative_to(ROOT)}: {stray.group(0)!r} cites a numbered section of no file here"

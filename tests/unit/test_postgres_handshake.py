@@ -39,6 +39,7 @@ from dbmtls.protocols.postgres import (
     CancelRequest,
     FirstReply,
     FirstReplyDone,
+    LoginRejected,
     NeedData,
     Reply,
     Startup,
@@ -607,8 +608,6 @@ def test_backend_scanner(key: bytes, step: int | None) -> None:
         scanner.receive_data(stream[i : i + size])
     assert scanner.done
     assert events(scanner) == [BackendKey(31337, key), StartupDone()]
-    assert scanner.auth_ok
-    assert not scanner.auth_error
     # bounded: nothing more than a 'K' is ever retained
     assert len(scanner._body) <= 264
     assert len(scanner._header) <= 5
@@ -624,21 +623,33 @@ def test_backend_scanner_done_is_sticky_and_cheap() -> None:
     assert events(scanner) == []
 
 
-def test_backend_scanner_auth_error() -> None:
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_backend_scanner_login_rejected(step: int | None) -> None:
+    stream = SASL + msg(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0")
     scanner = BackendScanner()
-    scanner.receive_data(SASL + msg(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"))
-    assert scanner.auth_error
+    size = step or len(stream)
+    for i in range(0, len(stream), size):
+        scanner.receive_data(stream[i : i + size])
+    assert events(scanner) == [LoginRejected("28P01", "password authentication failed")]
     assert not scanner.done
-    assert not scanner.auth_ok
-    late = BackendScanner()
+    late = BackendScanner()  # an error after AuthenticationOk is not a rejected login
     late.receive_data(AUTH_OK + msg(b"E", b"SFATAL\0C53300\0Mtoo many clients\0\0"))
-    assert not late.auth_error
+    assert events(late) == []
+
+
+def test_backend_scanner_keeps_little_of_a_huge_login_error() -> None:
+    scanner = BackendScanner()
+    scanner.receive_data(msg(b"E", b"C28000\0M" + b"x" * 100_000 + b"\0\0"))
+    (rejected,) = events(scanner)
+    assert isinstance(rejected, LoginRejected)
+    assert rejected.sqlstate == "28000"
+    assert len(scanner._body) <= 1024
 
 
 def test_backend_scanner_negotiate_version_and_notice() -> None:
     scanner = BackendScanner()
     scanner.receive_data(msg(b"v", struct.pack("!II", 2, 1) + b"_pq_.x\0") + msg(b"N", b"SWARNING\0\0") + AUTH_OK)
-    assert scanner.auth_ok
+    assert events(scanner) == []
     assert not scanner.done
 
 

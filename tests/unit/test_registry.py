@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
+from dbmtls import protocols
 from dbmtls.config.model import Config
-from dbmtls.errors import CONNECTION_FAILURES, ConfigError
+from dbmtls.errors import CONNECTION_FAILURES, ConfigError, Reason
 from dbmtls.protocols import tables
 from dbmtls.protocols.registry import REGISTRY, Registry
 from dbmtls.protocols.spec import ProtocolSpec
+from dbmtls.proxy import sessions
 from dbmtls.proxy.runtime import DatabaseRuntime
 from dbmtls.proxy.server import Proxy, load_session
 from dbmtls.proxy.upstream import Dialer
@@ -46,6 +50,37 @@ def test_every_protocol_has_a_session_driver_and_its_ports(spec: ProtocolSpec) -
         assert spec.wire_code(reason)
 
 
+@pytest.mark.parametrize(
+    ("name", "reason", "code"),
+    [
+        ("postgres", Reason.APP_PROTOCOL, "08P01"),
+        ("postgres", Reason.TOO_MANY_CONNECTIONS, "53300"),
+        ("cockroachdb", Reason.CLIENT_CERT_REJECTED, "28000"),
+        ("mysql", Reason.NO_CERTIFICATE_FOR_USER, "1045 (28000)"),
+        ("mariadb", Reason.TOO_MANY_CONNECTIONS, "1040 (08004)"),
+        ("mongodb", Reason.CLIENT_CERT_REJECTED, "18 AuthenticationFailed"),
+        ("redis", Reason.UNKNOWN_CA, "-ERR"),
+    ],
+)
+def test_wire_codes(name: str, reason: Reason, code: str) -> None:
+    assert REGISTRY.get(name).wire_code(reason) == code
+
+
+def test_every_spec_in_the_protocols_package_is_registered() -> None:
+    """A protocols/x.py with a SPEC but no registry line would be a database nobody can use."""
+    found = set()
+    for info in pkgutil.iter_modules(protocols.__path__):
+        module = importlib.import_module(f"dbmtls.protocols.{info.name}")
+        found |= {v for v in vars(module).values() if isinstance(v, ProtocolSpec)}
+    assert found == set(REGISTRY)
+
+
+def test_every_session_driver_is_named_by_a_registered_protocol() -> None:
+    named = {spec.session.partition(":")[0] for spec in REGISTRY}
+    modules = {f"dbmtls.proxy.sessions.{i.name}" for i in pkgutil.iter_modules(sessions.__path__)}
+    assert modules - named == {"dbmtls.proxy.sessions.common"}  # the shared relay step, not a driver
+
+
 def test_unknown_protocol_is_an_error_not_a_relay() -> None:
     with pytest.raises(ValueError, match="unknown protocol 'sqlserver'; one of redis"):
         _config("sqlserver")
@@ -74,7 +109,8 @@ def test_registry_refuses_ambiguity() -> None:
 def test_lookups() -> None:
     assert REGISTRY.by_port(26257) is REGISTRY.get("cockroachdb")
     assert REGISTRY.by_port(3306) is REGISTRY.get("mysql")
-    assert REGISTRY.named_in_host("orders-mongo-0.db") is REGISTRY.get("mongodb")
+    assert REGISTRY.named_in_host("orders-mongodb-0.db") is REGISTRY.get("mongodb")
+    assert REGISTRY.named_in_host("mongo-express.tools") is None  # aliases are not guessed from hosts
     assert REGISTRY.named_in_host("tcp-proxy.example") is None  # tcp is never guessed from a host
     with pytest.raises(KeyError, match="one of redis"):
         REGISTRY.get("oracle")

@@ -118,7 +118,8 @@ def test_redis_tls_client_on_plaintext_listener_is_closed_without_a_word(pki: PK
     h = run(pki, "redis", script)
     assert failure_of(h) is Reason.APP_PROTOCOL
     assert h.runtime().stats.app_protocol_errors == 1
-    assert "redis-cli without --tls" in str(h.conns[0].error)
+    err = h.conns[0].error
+    assert err is not None and "redis-cli without --tls" in (err.hint or "")
 
 
 def test_redis_tls13_certificate_rejection_after_handshake_reaches_the_app(pki: PKI) -> None:
@@ -390,11 +391,36 @@ def test_redis_server_closing_before_answering_is_told_not_passed_on_as_eof(pki:
             await server.expect(app_sent)
         server.send_eof()
         said = await app.closed()
-        assert said.startswith(b"-ERR dbmtls: [db] srv:1 closed the connection"), said
+        assert said.startswith(
+            b"-ERR dbmtls: [db] server srv:1 closed the connection right after the TLS handshake without answering"
+        ), said
+        assert b"rejected the client certificate" in said
         assert not app.transport.eof_written
 
     h = run(pki, "redis", script)
-    assert failure_of(h) is Reason.HANDSHAKE_FAILED
+    assert failure_of(h) is Reason.UPSTREAM_PROTOCOL
+
+
+def test_redis_server_closing_an_idle_connection_later_is_an_eof(pki: PKI) -> None:
+    """Past handshakeTimeout a clean close is the server's own business (its idle timeout)."""
+
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(PING)
+        await server.expect(PING)
+        loop = asyncio.get_running_loop()
+        real_time = loop.time
+        loop.time = lambda: real_time() + 3600  # type: ignore[method-assign]  # an hour later
+        try:
+            server.send_eof()
+            assert await app.closed() == b""
+        finally:
+            loop.time = real_time  # type: ignore[method-assign]
+        assert app.transport.eof_written
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is None
 
 
 def test_tcp_server_closing_without_a_byte_is_passed_on(pki: PKI) -> None:

@@ -197,7 +197,8 @@ class DatabaseConfig(_Model):
                     "set allowRemoteClients: true to open it up on purpose",
                 )
         if self.directTls and not self.spec.direct_tls_option:
-            raise FieldError("directTls", "directTls applies to postgres only (PostgreSQL 17+ direct TLS)")
+            which = ", ".join(s.name for s in REGISTRY if s.direct_tls_option)
+            raise FieldError("directTls", f"directTls applies to {which} only (TLS from the first byte)")
         if self.tls.userCertificates and not self.spec.user_before_tls:
             raise FieldError("tls.userCertificates", "needs a protocol that names the user before TLS")
         return self

@@ -334,6 +334,7 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.answering:MongoSession",
     wire_code=_wire_code,
     upgrade="TLS from the first byte",
+    plaintext_hint="connect without TLS (no tls=true in the URI); dbmtls does the TLS to the database",
     errors="`{ok: 0, errmsg, code, codeName}` reply (OP_MSG or OP_REPLY) to each request, then close",
     default_port=27017,
     well_known_ports=(27017,),

@@ -153,6 +153,7 @@ from dbmtls.errors import (
 )
 from dbmtls.protocols.events import NeedData
 from dbmtls.protocols.spec import ProtocolSpec
+from dbmtls.protocols.tls_record import client_hello
 
 __all__ = [
     "CLIENT_COMPRESS",
@@ -216,7 +217,6 @@ MAX_IDLE_BUFFER: Final = 64 * 1024
 
 _SCRAMBLE_LENGTH: Final = 20
 _SSL_REQUEST_LENGTH: Final = 32
-_TLS_HANDSHAKE_RECORD: Final = 0x16
 
 _CACHING_SHA2: Final = "caching_sha2_password"
 _SHA256: Final = "sha256_password"
@@ -845,7 +845,7 @@ class MySQLHandshake:
 
     def _on_app_response(self) -> None:
         buf = self._app_buf
-        if len(buf) >= 2 and buf[0] == _TLS_HANDSHAKE_RECORD and buf[1] == 0x03:
+        if client_hello(buf):
             raise AppTLSError(
                 "the application started a TLS handshake, but dbmtls speaks plaintext MySQL on this port",
                 hint=_PLAINTEXT_HINT,
@@ -1005,6 +1005,7 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.mysql:MySQLSession",
     wire_code=_wire_code,
     upgrade="`CLIENT_SSL` capability + SSLRequest packet, mid-handshake",
+    plaintext_hint=_PLAINTEXT_HINT,
     errors="`ERR` packet in the format the app expects at that point of the connection phase",
     default_port=3306,
     well_known_ports=(3306,),

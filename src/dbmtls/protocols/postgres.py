@@ -6,9 +6,9 @@ Theory of operation
 dbmtls sits between an application that speaks *plaintext* pgwire to
 localhost and a server that must be reached over *verified mutual TLS*.  It
 therefore plays two roles at once, and this module holds one small state
-machine per role.  Neither touches a socket: callers feed bytes in with
-``receive_data`` / ``feed`` and read events, answers or verdicts back out
-(the shape of h11 and wsproto).  Everything here can be tested with bytes
+machine per role.  None touches a socket: callers feed bytes in with
+``receive_data`` and read typed events back out with ``next_event`` (the
+shape of h11 and wsproto, see ``dbmtls.protocols.events``).  Everything here can be tested with bytes
 alone and fuzzed; the asyncio glue only moves bytes and acts on events.
 
 Roles and conversations (docs/protocols/postgres.md)::
@@ -49,19 +49,23 @@ Roles and conversations (docs/protocols/postgres.md)::
   protocol 3.9999 and unknown ``_pq_.`` options and expects the server's
   NegotiateProtocolVersion, which we merely relay (docs/protocols/postgres.md#startup-packets).
 
-``UpstreamNegotiation`` -- dbmtls as the *client* toward the server (docs/protocols/postgres.md#upstream-upgrade),
-  after it wrote ``SSL_REQUEST``.  The verdict is decided from the first byte:
-  exactly ``b"S"`` -> ``"tls"``.  Anything buffered beyond that single byte was
+``UpstreamNegotiation`` -- dbmtls as the *client* toward the server, after it wrote
+  ``SSL_REQUEST`` (docs/protocols/postgres.md#upstream-upgrade).  The verdict is decided
+  from the first byte: exactly ``b"S"`` -> ``TLSAccepted``.  Anything buffered beyond that single byte was
   sent in plaintext *before* the TLS handshake and therefore cannot be
   authenticated by it: a man in the middle can inject it (CVE-2021-23222).
   The glue should read exactly one byte, then pass any leftover bytes it may
   find (before or after the TLS handshake) to ``receive_data`` and ask for
-  ``result()`` again -- it raises if the buffer holds more than the ``S``.
+  ``next_event()`` again -- it raises if the buffer holds more than the ``S``.
+
+``FirstReply`` -- the server's first answer to the StartupMessage, up to its first
+  Authentication or ErrorResponse, with SCRAM-SHA-256-PLUS removed from the offer.
 
 ``BackendScanner`` -- watches the server->app stream while it is relayed
-  during startup, to learn BackendKeyData (cancel routing, 1.6 step 5) and
-  the first ReadyForQuery (startup is over, relaying can go to its fast
-  path).  It never keeps a whole message: bodies are skipped by counting, only
+  during startup, to learn BackendKeyData (cancel routing,
+  docs/protocols/postgres.md#backendkeydata-tracking), a login the server rejected, and
+  the first ReadyForQuery (startup is over, relaying can go to its fast path).
+  It never keeps a whole message: bodies are skipped by counting, only
   the 5-byte header and at most 264 bytes of a 'K' are buffered.
 
 Error mapping: every app-side violation raises ``AppProtocolError``
@@ -93,6 +97,7 @@ from dbmtls.errors import (
 )
 from dbmtls.protocols.events import NeedData
 from dbmtls.protocols.spec import ProtocolSpec
+from dbmtls.protocols.tls_record import client_hello
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -141,7 +146,6 @@ MAX_STARTUP: Final = 10000
 MIN_CANCEL_KEY: Final = 4
 MAX_CANCEL_KEY: Final = 256
 
-_TLS_HANDSHAKE_RECORD: Final = 0x16  # first byte of a TLS ClientHello record
 
 _DIRECT_TLS_HINT: Final = (
     "connect to dbmtls in plaintext: use sslmode=disable or sslmode=prefer and do not set sslnegotiation=direct; "
@@ -294,8 +298,8 @@ class AppHandshake:
         """The next whole startup-family packet, or None; decides as early as possible, so
         garbage never makes us wait for (or buffer) more bytes."""
         buf = self._buf
-        if buf[0] == _TLS_HANDSHAKE_RECORD:
-            # 16 03 xx ... can never be a startup length (> 10000): it is a TLS ClientHello, i.e. the
+        if buf[0] != 0 and client_hello(buf) is not False:
+            # A startup length never starts with 0x16 (> 10000): it is a TLS ClientHello, i.e. the
             # app uses sslnegotiation=direct (or sslmode=require with a TLS-terminating proxy in mind).
             raise AppTLSError(
                 "the application started a TLS handshake (direct TLS / sslnegotiation=direct), "
@@ -643,9 +647,8 @@ class BackendScanner:
     """
 
     def __init__(self) -> None:
-        self.done = False
-        self.auth_ok = False
-        self.auth_error = False
+        self._done = False
+        self._auth_ok = False
         self._events: deque[BackendKey | LoginRejected | StartupDone] = deque()
         self._header = bytearray()
         self._type = 0
@@ -653,11 +656,16 @@ class BackendScanner:
         self._keep = 0  # how many body bytes to keep
         self._body = bytearray()
 
+    @property
+    def done(self) -> bool:
+        """The first ReadyForQuery was seen: nothing more to watch."""
+        return self._done
+
     def next_event(self) -> BackendKey | LoginRejected | StartupDone | NeedData:
         return self._events.popleft() if self._events else NeedData()
 
     def receive_data(self, data: bytes) -> None:
-        if self.done:
+        if self._done:
             return
         i, n = 0, len(data)
         while i < n:
@@ -668,7 +676,7 @@ class BackendScanner:
                 if len(self._header) < 5:
                     return
                 self._start_message()
-                if self.done:
+                if self._done:
                     return
             else:
                 take = min(self._remaining, n - i)
@@ -688,11 +696,10 @@ class BackendScanner:
             raise UpstreamProtocolError(f"server sent a message with invalid length {length} during startup")
         if mtype == ord("Z"):
             # The first ReadyForQuery ends startup; its status byte does not matter to us.
-            self.done = True
+            self._done = True
             self._events.append(StartupDone())
             return
-        if mtype == ord("E") and not self.auth_ok:
-            self.auth_error = True
+        if mtype == ord("E") and not self._auth_ok:
             self._keep = min(length - 4, _E_KEEP)
         elif mtype == ord("K"):
             if not 8 + MIN_CANCEL_KEY <= length <= _K_MAX_LENGTH:
@@ -711,8 +718,8 @@ class BackendScanner:
         if self._type == ord("K"):
             self._events.append(BackendKey(int.from_bytes(self._body[0:4], "big"), bytes(self._body[4:])))
         elif self._type == ord("R") and self._body == b"\x00\x00\x00\x00":
-            self.auth_ok = True  # AuthenticationOk
-        elif self._type == ord("E") and not self.auth_ok:
+            self._auth_ok = True  # AuthenticationOk
+        elif self._type == ord("E") and not self._auth_ok:
             fields = _error_fields(bytes(self._body))
             self._events.append(LoginRejected(fields.get("C", "?????"), fields.get("M", "")))
         self._body.clear()
@@ -757,6 +764,7 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.postgres:PostgresSession",
     wire_code=sqlstate,
     upgrade="`SSLRequest` → `S` → TLS (`directTls`: TLS first, PostgreSQL 17+)",
+    plaintext_hint=_DIRECT_TLS_HINT,
     errors="`ErrorResponse` (FATAL, SQLSTATE); a close only for a cancel or an app that speaks TLS",
     default_port=5432,
     well_known_ports=(5432,),
@@ -766,5 +774,12 @@ SPEC = ProtocolSpec(
 )
 # CockroachDB speaks pgwire with the same SSLRequest upgrade, on its own port.
 COCKROACHDB = dataclasses.replace(
-    SPEC, name="cockroachdb", title="CockroachDB", aliases=(), default_port=26257, well_known_ports=(26257,)
+    SPEC,
+    name="cockroachdb",
+    title="CockroachDB",
+    aliases=(),
+    default_port=26257,
+    well_known_ports=(26257,),
+    upgrade="`SSLRequest` → `S` → TLS",
+    direct_tls_option=False,  # direct TLS is PostgreSQL 17's; CockroachDB negotiates
 )

@@ -116,6 +116,8 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.answering:RedisSession",
     wire_code=_wire_code,
     upgrade="TLS from the first byte",
+    plaintext_hint="connect without TLS (redis-cli without --tls, rediss:// -> redis://); "
+    "dbmtls does the TLS to the database",
     errors="`-ERR` reply to each request for a short, bounded time, then close",
     default_port=6379,
     well_known_ports=(6379,),

@@ -54,7 +54,8 @@ class Registry:
         """The protocol a dash-separated word of the host's first label names, if any."""
         for word in host.split(".")[0].split("-"):
             spec = self._by_name.get(word)
-            if spec is not None and spec.named_in_hosts:
+            # canonical names only: an alias such as "mongo" is too common a word ("mongo-express")
+            if spec is not None and spec.named_in_hosts and spec.name == word:
                 return spec
         return None
 

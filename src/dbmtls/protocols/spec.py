@@ -36,8 +36,10 @@ class ProtocolSpec:
     """One line: how TLS toward the server starts."""
     errors: str
     """One line: how the app is told that something failed."""
+    plaintext_hint: str = ""
+    """What to tell someone whose app speaks TLS to dbmtls's plaintext listener."""
     aliases: tuple[str, ...] = ()
-    """Other names accepted for it (IANA service names, Istio's port-name prefixes)."""
+    """Other names accepted in ``protocol:`` and ``dbmtls.io/protocol`` (never guessed from hosts)."""
     default_port: int | None = None
     """The port used when an address has none."""
     well_known_ports: tuple[int, ...] = ()
@@ -49,7 +51,7 @@ class ProtocolSpec:
     direct_tls_option: bool = False
     """``directTls`` can choose TLS-first instead of the in-band upgrade (PostgreSQL 17+)."""
     named_in_hosts: bool = True
-    """A dash-separated word of a host name may name it (``orders-redis-master`` -> redis)."""
+    """A dash-separated word of a host name equal to ``name`` names it (``orders-redis-master``)."""
 
     @property
     def names(self) -> tuple[str, ...]:

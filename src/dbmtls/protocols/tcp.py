@@ -21,6 +21,7 @@ SPEC = ProtocolSpec(
     session="dbmtls.proxy.sessions.tcp:TcpSession",
     wire_code=wire_code,
     upgrade="TLS from the first byte",
+    plaintext_hint="an opaque tcp listener relays whatever it gets, TLS included",
     errors="none in-band: the connection is closed; the log line and metric say why",
     named_in_hosts=False,
 )

@@ -31,6 +31,10 @@ WRITE_LOW_WATER = 64 * 1024
 HALF_CLOSE_LINGER = 1.0
 
 
+class ClosedBeforeAnswer(ConnectionResetError):
+    """The server closed cleanly, without a byte, right after the relay started (see Relay)."""
+
+
 class _Half(asyncio.Protocol):
     __slots__ = ("eof", "nbytes", "peer", "relay", "transport", "write")
 
@@ -104,16 +108,18 @@ class Relay:
         app_pending: bytes = b"",
         upstream_pending: bytes = b"",
         early_upstream_error: Callable[[BaseException], bytes | None] | None = None,
-        expect_reply: bool = False,
+        expect_reply_within: float | None = None,
         idle_timeout: float | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: BaseException | None = None
         self._early = early_upstream_error
-        # Client-first protocols (Redis, MongoDB): a server that closes before its first byte,
-        # while the app is still there, has failed, even when its transport closed cleanly.
-        self._expect_reply = expect_reply
+        # Client-first protocols (Redis, MongoDB): a server that closes before its first byte
+        # while the app is still there, soon after the handshake, has failed even when it closed
+        # cleanly (TLS 1.3: it rejected our certificate).  Later, a clean close is the server's
+        # own business (an idle timeout) and is passed on as an EOF.
+        self._reply_deadline = loop.time() + expect_reply_within if expect_reply_within is not None else None
         # Which side was lost with an error first ("app" / "upstream"), once one was.
         self.failed_side: str | None = None
         self.idled = False
@@ -173,7 +179,8 @@ class Relay:
 
     def _server_went_silent(self, half: _Half) -> bool:
         return (
-            self._expect_reply
+            self._reply_deadline is not None
+            and asyncio.get_running_loop().time() <= self._reply_deadline
             and half is self.from_up
             and half.nbytes == 0
             and self._lost == 0
@@ -212,7 +219,7 @@ class Relay:
 
     def _half_lost(self, half: _Half, exc: Exception | None) -> None:
         if exc is None and self._server_went_silent(half):
-            exc = ConnectionResetError("the server closed the connection before answering")
+            exc = ClosedBeforeAnswer("the server closed the connection before answering")
         self._lost += 1
         peer = half.peer
         if exc is not None and self.error is None and self._lost == 1:

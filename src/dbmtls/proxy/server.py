@@ -194,18 +194,9 @@ class Proxy:
     async def _run(self, conn: Conn) -> None:
         rt = conn.rt
         try:
-            await self.sessions[rt.name].run(conn)
-        except DbmtlsError as exc:
-            # The one place where a failure is recorded (log line, metric) and told to the app.
-            err = exc.with_database(rt.name)
-            conn.error = err
-            rt.stats.record_failure(err)
-            if conn.upstream is not None:
-                conn.upstream.abort()  # whatever the session had open is useless now
-            try:
-                await tell_app(conn.app, conn.notice, err)
-            except OSError:
-                conn.app.abort()
+            failure = await self._session(conn)
+            if failure is not None:
+                await self._tell(conn, failure)
         except asyncio.CancelledError:
             _abort(conn)
             raise
@@ -223,6 +214,31 @@ class Proxy:
             rt.stats.bytes_from_app += conn.bytes_from_app
             rt.stats.bytes_from_upstream += conn.bytes_from_upstream
             self._log_close(conn)
+
+    async def _session(self, conn: Conn) -> DbmtlsError | None:
+        """Run the session; a failure it raises is recorded here, once (the log line and the
+        metric read ``conn.error``), and returned to be told to the app."""
+        try:
+            await self.sessions[conn.rt.name].run(conn)
+        except DbmtlsError as exc:
+            err = exc.with_database(conn.rt.name)
+            conn.error = err
+            conn.rt.stats.record_failure(err)
+            up = conn.upstream
+            if up is not None and up.transport is not None and not up.transport.is_closing():
+                up.abort()  # whatever the session left open is useless now
+            return err
+        return None
+
+    async def _tell(self, conn: Conn, err: DbmtlsError) -> None:
+        """Tell the app in its protocol; whatever goes wrong doing so, its connection ends."""
+        try:
+            await tell_app(conn.app, conn.notice, err)
+        except OSError:
+            conn.app.abort()
+        except Exception:
+            LOG.exception("internal error telling the app", extra={"fields": {"db": conn.rt.name}})
+            conn.app.abort()
 
     def _log_close(self, conn: Conn) -> None:
         err = conn.error

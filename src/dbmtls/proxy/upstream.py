@@ -19,6 +19,7 @@ import time
 
 from dbmtls.errors import DbmtlsError, PlaintextRefused, UpstreamError, UpstreamProtocolError
 from dbmtls.proxy.endpoint import Endpoint
+from dbmtls.proxy.relay import ClosedBeforeAnswer
 from dbmtls.proxy.runtime import Conn
 from dbmtls.tls.context import check_peer_names, classify, needs_name_check
 
@@ -39,6 +40,11 @@ class Dialer:
         server checks our certificate after *our* side of the handshake is complete, so a
         rejected client certificate arrives as an alert on the first read.
         """
+        if isinstance(exc, ClosedBeforeAnswer) and conn.rt.tls.enabled:
+            return UpstreamProtocolError(
+                f"server {target(conn)} closed the connection right after the TLS handshake without answering",
+                hint="the server may have rejected the client certificate; see the database server log",
+            )
         if not conn.rt.tls.enabled and isinstance(exc, ConnectionError | EOFError):
             # no TLS was attempted, so "closed during the TLS handshake" would be a lie
             return PlaintextRefused(f"{target(conn)} closed the connection without answering (tls.mode is DISABLE)")

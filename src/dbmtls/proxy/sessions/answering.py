@@ -23,18 +23,13 @@ from collections.abc import Callable
 from dbmtls.errors import AppTLSError, DbmtlsError
 from dbmtls.protocols import mongodb, redis
 from dbmtls.protocols.spec import ErrorAnswerer
+from dbmtls.protocols.tls_record import client_hello
 from dbmtls.proxy.notice import AnswerRequests
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
 from dbmtls.proxy.sessions.common import run_relay
 
 # How long to wait for a client-first app's first bytes before relaying without looking.
 FIRST_BYTES_WAIT = 0.25
-
-
-def is_tls_client_hello(data: bytes) -> bool:
-    # A TLS handshake record: type 0x16, version 3.x (x <= 4).  Three bytes, because a
-    # MongoDB message whose length ends in 0x16 starts with the same first byte.
-    return len(data) >= 3 and data[0] == 0x16 and data[1] == 3 and data[2] <= 4
 
 
 async def _first_app_bytes(conn: Conn) -> bytes:
@@ -62,12 +57,11 @@ class AnsweringSession:
         up = await self.rt.dialer.dial(conn)
         first = await _first_app_bytes(conn)
         conn.notice = AnswerRequests(self.answerer, seen=first)
-        if is_tls_client_hello(first):
+        if client_hello(first):
             up.close()
             conn.notice = None  # a TLS client cannot read a plaintext reply
             raise AppTLSError(
-                "the app started a TLS handshake on the plaintext listener: connect without TLS "
-                "(e.g. redis-cli without --tls, mongodb URI without tls=true); dbmtls does the TLS to the database"
+                "the app started a TLS handshake on the plaintext listener", hint=self.rt.spec.plaintext_hint
             )
         # run_relay settles a server that hung up while we waited for the app (TLS 1.3: it
         # rejected our certificate) and raises what it said.

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from dbmtls.errors import DbmtlsError, UpstreamReset
 from dbmtls.proxy.endpoint import Endpoint
-from dbmtls.proxy.relay import Relay
+from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay
 from dbmtls.proxy.runtime import Conn
 
 
@@ -25,7 +25,8 @@ async def run_relay(
     rejected client certificate arrives as an alert on the first read), after the relay
     wrote ``conn.notice``'s message to the app.  ``watch_upstream`` sees the server's chunks
     until it returns True (see ``Relay.watch_upstream``).  ``expect_reply``: the protocol is
-    client-first, so a server that closes before its first byte has failed (``Relay``).
+    client-first, so a server that closes before its first byte within ``handshakeTimeout`` of
+    the start has failed (``Relay``).
     """
     dialer = conn.rt.dialer
     if up.closed or conn.app.closed:
@@ -37,7 +38,7 @@ async def run_relay(
             watch_upstream(to_app)  # what the server said is seen, even when it said it and left
         up.close()
         if up.closed and not conn.app.closed and not to_app:
-            raise dialer.failure(conn, up.error or ConnectionResetError("the server closed the connection"))
+            raise dialer.failure(conn, up.error or ClosedBeforeAnswer("the server closed the connection"))
         conn.app.write(to_app)
         conn.app.close()
         return
@@ -57,7 +58,7 @@ async def run_relay(
         app_pending=app_pending + app_buf,
         upstream_pending=upstream_pending + up_buf,
         early_upstream_error=early,
-        expect_reply=expect_reply,
+        expect_reply_within=conn.rt.db.handshakeTimeout if expect_reply else None,
         idle_timeout=conn.rt.db.idleTimeout,
     )
     conn.relay = relay

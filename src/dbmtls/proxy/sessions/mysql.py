@@ -107,7 +107,9 @@ class MySQLSession:
             raise
         if not self.rt.tls.enabled:
             key.cancel()
-            # tls.mode DISABLE: nothing to negotiate on the app's behalf; relay as TCP.
+            # tls.mode DISABLE: nothing to negotiate on the app's behalf; relay as TCP.  The
+            # server's greeting and errors reach the app as they are: there is nothing to add.
+            conn.notice = None
             await run_relay(conn, up)
             return
         await key

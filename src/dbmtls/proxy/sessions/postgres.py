@@ -122,8 +122,10 @@ class PostgresSession:
                         keys.append((event.pid, event.key))
                     elif isinstance(event, pg.LoginRejected):
                         rejected.append(event)
-            except DbmtlsError:
-                return True  # only cancel routing suffers: the relay passes the bytes on anyway
+            except DbmtlsError as err:
+                # only cancel routing suffers: the relay passes the bytes on anyway
+                conn.note = f"cancel routing off for this session: {err.message}"
+                return True
             return scanner.done
 
         try:
@@ -195,7 +197,7 @@ class PostgresSession:
                 f"server {target(conn)} did not answer the StartupMessage within {timeout:g}s"
             ) from None
         except DbmtlsError as err:
-            raise err.with_message(f"server {target(conn)} {err.message.removeprefix('server ')}") from None
+            raise err.with_message(f"{err.message} (server {target(conn)})") from None
         except Exception as exc:
             if reply.received:  # the server did talk; let the app see what it said (e.g. an ErrorResponse)
                 return reply.received
