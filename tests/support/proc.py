@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -17,7 +18,15 @@ from support.net import free_port, wait_port
 
 
 class Dbmtls:
-    def __init__(self, workdir: Path, config: dict[str, Any] | str, *, admin: bool = False, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any] | str,
+        *,
+        admin: bool = False,
+        args: tuple[str, ...] = (),
+        nofile: int | None = None,
+    ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"dbmtls-{time.monotonic_ns()}.yaml"
@@ -26,6 +35,7 @@ class Dbmtls:
         self.log_path = self.config_path.with_suffix(".log")
         self.admin_port = free_port() if admin else None
         self.args = args
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the process: fd exhaustion tests
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,7 +47,15 @@ class Dbmtls:
         admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else "off"
         cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(self.config_path), "--admin", admin, *self.args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 -- closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ}, preexec_fn=limit if nofile else None
+        )
         try:
             for port in wait_ports:
                 wait_port(port)

@@ -610,3 +610,23 @@ def test_postgres_slow_loris_app_is_timed_out(pki: PKI) -> None:
     h = run(pki, "postgres", script, db_fields={"handshakeTimeout": "100ms"})
     assert failure_of(h) is Reason.APP_TIMEOUT
     assert h.dialer.servers.empty()
+
+
+def test_server_failing_just_before_the_relay_starts_is_still_told(pki: PKI) -> None:
+    """The race behind redis-cli's "Server closed the connection": the server's transport is
+    already closing (its connection_lost queued, not yet delivered) when the relay starts."""
+
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        app.send(PING)
+        # closing now, connection_lost (with the TLS alert) delivered only on the next loop turn
+        server.transport.closing = True
+        asyncio.get_running_loop().call_soon(
+            server.transport._connection_lost, tls_alert("TLSV13_ALERT_CERTIFICATE_REQUIRED")
+        )
+        said = await app.closed()
+        assert said.startswith(b"-ERR dbmtls: [db] server srv:1 rejected the client certificate"), said
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is Reason.CLIENT_CERT_REJECTED

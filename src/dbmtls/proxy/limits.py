@@ -9,7 +9,8 @@ its healthy connections too.  So:
 * a relayed connection needs two descriptors (app and server); ``FD_RESERVE`` are
   kept for the admin server, listeners, certificate reads and cancel connections;
 * up to ``maxConnections`` (per database, and for the process: the configured value
-  or what the descriptors allow) connections are relayed; past that a connection is
+  or what the descriptors allow, less an eighth kept for refusals) connections are
+  relayed; past that a connection is
   accepted only to be told "too many connections" in its protocol (53300, ERR 1040,
   ``-ERR``), which costs one descriptor for a moment;
 * only when even that would eat into the reserve is a connection dropped at once,
@@ -22,6 +23,9 @@ import resource
 import time
 
 FD_RESERVE = 64
+# Of the descriptors left, this share is kept for telling connections past the limit that they
+# are (one descriptor each, for a moment); the rest relay, two each.
+REFUSAL_SHARE = 8
 DROP_LOG_INTERVAL = 10.0
 
 
@@ -42,8 +46,8 @@ class Admission:
     """Counts open connections against the limits; decides relay, refuse or drop."""
 
     def __init__(self, configured: int | None, fd_limit: int) -> None:
-        usable = max(fd_limit - FD_RESERVE, 2)
-        by_fds = usable // 2
+        usable = max(fd_limit - FD_RESERVE, 4)
+        by_fds = max((usable - usable // REFUSAL_SHARE) // 2, 1)
         self.fd_budget = usable
         self.max_connections = min(configured, by_fds) if configured else by_fds
         self.relayed = 0  # admitted connections (two descriptors each)

@@ -24,11 +24,24 @@ Byte counters are plain ints on the halves; metrics read them when scraped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 HALF_CLOSE_LINGER = 1.0
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort with a TCP RST (SO_LINGER 0): a plain abort() would still end with a FIN, which the
+    peer reads as a clean end of stream."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ClosedBeforeAnswer(ConnectionResetError):
@@ -135,11 +148,12 @@ class Relay:
         self.from_up = _Half(self, upstream, app)
         for t in (app, upstream):
             t.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        # Leftovers read by the handshake machines go first, in order.
-        if app_pending:
+        # Leftovers read by the handshake machines go first, in order (not into a transport that
+        # is already closing: what it would say is lost either way, and it may refuse the write).
+        if app_pending and not upstream.is_closing():
             upstream.write(app_pending)
             self.from_app.nbytes += len(app_pending)
-        if upstream_pending:
+        if upstream_pending and not app.is_closing():
             app.write(upstream_pending)
             self.from_up.nbytes += len(upstream_pending)
         app.set_protocol(self.from_app)
@@ -147,12 +161,15 @@ class Relay:
         if idle_timeout is not None:
             self._idle_seen = self.from_app.nbytes + self.from_up.nbytes
             self._idle_timer = loop.call_later(idle_timeout / 4, self._idle_check)
-        for t in (app, upstream):
-            if t.is_closing():
-                # closed while the handshake finished: make sure both go
-                self._close_both()
-                break
-            t.resume_reading()
+        if app.is_closing():
+            # the app went away while the handshake finished: nothing to relay, both go
+            self._close_both()
+        else:
+            # An upstream that is already closing (a TLS 1.3 server rejecting our certificate
+            # right after the handshake) has its connection_lost queued: it reaches from_up,
+            # and the early hook tells the app why.  Closing the app here would lose that.
+            for t in (app, upstream):
+                t.resume_reading()
 
     @property
     def bytes_from_app(self) -> int:
@@ -233,8 +250,8 @@ class Relay:
                     self.app_t.write(message)
                 peer.close()
             else:
-                # Lost with an error mid-stream: pass it on as an abort, never as a clean end.
-                peer.abort()
+                # Lost with an error mid-stream: pass it on as a reset, never as a clean end.
+                reset(peer)
         elif not peer.is_closing():
             peer.close()  # flushes what is buffered first
         if self._lost >= 2:

@@ -258,6 +258,8 @@ class Proxy:
         else:
             fields["reason"] = err.reason
             fields["error"] = err.message
+            if err.hint:
+                fields["hint"] = err.hint
             CONN_LOG.warning("connection failed", extra={"fields": fields})
 
     # --- shutdown --------------------------------------------------------------------
