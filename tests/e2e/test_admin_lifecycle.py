@@ -182,7 +182,12 @@ def test_sigterm_drains_open_connection_then_exits_zero(pki: PKI, redis_tls: Red
     with Dbmtls(workdir, config).start((port,)) as proxy:
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$9\r\nnever-set\r\n$1\r\n2\r\n")  # blocks 2 s server-side
-        time.sleep(0.3)  # let the request reach Redis before the signal
+        # the request must reach Redis before the signal: wait until Redis shows it blocked
+        with redis.Redis(port=port) as observer:
+            deadline = time.monotonic() + 15
+            while not any(c.get("cmd") == "blpop" for c in observer.client_list()):
+                assert time.monotonic() < deadline, "the BLPOP never reached Redis"
+                time.sleep(0.05)
         started = time.monotonic()
         proxy.signal(15)
         proxy.wait_log("draining")
