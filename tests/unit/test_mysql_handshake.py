@@ -879,3 +879,16 @@ def test_pymysql_sees_tls_refused_before_the_greeting() -> None:
     assert isinstance(result, pymysql.err.OperationalError)
     assert result.args[0] == 1043
     assert result.args[1].startswith("dbmtls: server does not offer TLS (CLIENT_SSL)")
+
+
+def test_second_handshake_response_is_named_as_such() -> None:
+    hs = MySQLHandshake()
+    feed(hs, "server", packet(greeting(), 0))
+    once = packet(response(plugin=b"mysql_native_password"), 1)
+    assert feed(hs, "app", once + once) == [NeedUser("u")]
+    hs.proceed()
+    drain(hs)
+    hs.tls_established()
+    *_, fail = drain(hs)
+    assert isinstance(fail, Fail)
+    assert str(fail.error) == "the application sent a second HandshakeResponse on one connection"

@@ -903,6 +903,9 @@ class MySQLHandshake:
             if pkt is None:
                 return
             seq, payload = pkt
+            if seq == 1 and self.response is not None and payload[:4] == self.response.payload[:4]:
+                # a client library retrying its login on the same connection
+                raise AppProtocolError("the application sent a second HandshakeResponse on one connection")
             if seq != self._app_next:
                 raise AppProtocolError(
                     f"the application sent an authentication packet out of order "
