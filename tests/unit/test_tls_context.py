@@ -39,7 +39,7 @@ from dbmtls.errors import (
 )
 from dbmtls.pki import issue
 from dbmtls.tls.context import build_context, check_peer_names, classify, match_names, needs_name_check
-from dbmtls.tls.material import ClientTLS
+from dbmtls.tls.material import CertificateNotYetValid, ClientTLS
 from support.certs import PKI, Pair
 from support.net import free_port
 
@@ -397,10 +397,17 @@ def test_expired_client_certificate(pki: PKI, tmp_path: Path) -> None:
 
 
 def test_not_yet_valid_client_certificate(pki: PKI, tmp_path: Path) -> None:
-    now = dt.datetime.now(dt.UTC)
-    future = Pair(issue(pki.ca, tmp_path / "future", client_cn="jinsu", not_before=now + dt.timedelta(days=1)))
+    """The one failure that cures itself: its own class, with the instant, so the reloader can wait for it."""
+    not_before = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=1)
+    future = Pair(issue(pki.ca, tmp_path / "future", client_cn="jinsu", not_before=not_before))
     err = _build_error(tmp_path, **_mutual(pki, cert=future.cert, key=future.key))
-    assert "is not valid before" in err.message
+    assert isinstance(err, CertificateNotYetValid)
+    assert err.not_before == not_before
+    assert err.path == "tls.clientCertificate"
+    assert f"is not valid before {not_before:%Y-%m-%d %H:%M:%S}Z" in err.message
+    # every other failure is a plain ConfigError
+    old = Pair(issue(pki.ca, tmp_path / "old", client_cn="jinsu", not_after=not_before - dt.timedelta(days=2)))
+    assert type(_build_error(tmp_path, **_mutual(pki, cert=old.cert, key=old.key))) is ConfigError
 
 
 @pytest.mark.parametrize("content", [b"", b"# no certificates here\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n"])
@@ -444,3 +451,22 @@ def test_load_keeps_old_material_on_error(pki: PKI, tmp_path: Path) -> None:
     assert tls.material is first
     assert tls.context_for(None) is first.default
     assert tls.last_error is not None
+
+
+def test_attempt_changes_nothing_apply_swaps(pki: PKI, tmp_path: Path) -> None:
+    """``attempt`` (the worker thread's half) only builds; ``apply`` (the loop's half) swaps or records."""
+    ca = tmp_path / "ca.crt"
+    shutil.copy(pki.ca_cert, ca)
+    tls = ClientTLS(_db(tmp_path, **_mutual(pki, ca=str(ca))))
+    good = tls.attempt()
+    assert good.material is not None and good.error is None
+    assert (tls.material, tls.tried_fingerprint) == (None, None)
+    tls.apply(good)
+    assert (tls.material, tls.tried_fingerprint) == (good.material, good.fingerprint)
+    ca.write_bytes(b"")
+    bad = tls.attempt()
+    assert bad.material is None and bad.error is not None and bad.fingerprint != good.fingerprint
+    assert tls.material is good.material
+    tls.apply(bad)
+    assert tls.material is good.material  # the old material stays
+    assert (tls.last_failure, tls.last_error, tls.tried_fingerprint) == (bad.error, bad.error.message, bad.fingerprint)

@@ -1,17 +1,26 @@
 """The TLS identity of one database, loaded from files and swapped atomically.
 
-``ClientTLS.load()`` reads and validates *everything* (certificate chain parses,
-key matches certificate, not expired, CA bundle non-empty) into a new
-``Material`` and only then replaces the current one with a single attribute
-assignment.  A broken or half-written replacement therefore never makes things
-worse: the old material stays in use and the error says which file is wrong
-(ghostunnel's certloader does the same).  Open connections keep the context
-they were made with; new connections pick up the new one at once.
+Loading is two steps so that the slow one can leave the event loop:
+
+* ``ClientTLS.attempt()`` reads and validates *everything* (certificate chain
+  parses, key matches certificate, not expired, not yet valid, CA bundle
+  non-empty) into a new ``Material`` and builds its SSLContexts.  It only reads
+  the immutable configuration and the files and changes nothing, so it is safe
+  to run in a worker thread (the reloader does, with ``asyncio.to_thread``);
+* ``ClientTLS.apply()`` then swaps the result in with a single attribute
+  assignment, on the event loop, the only thread that reads ``material``.
+
+A broken or half-written replacement therefore never makes things worse: the
+old material stays in use and the error says which file is wrong (ghostunnel's
+certloader does the same).  Open connections keep the context they were made
+with; new connections pick up the new one at once (``context_for`` is called per
+connection).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import ssl
 import stat
@@ -40,6 +49,47 @@ class Material:
     by_user: dict[str, ssl.SSLContext]
     certs: tuple[CertInfo, ...]
     warnings: tuple[str, ...] = field(default=())
+
+
+class CertificateNotYetValid(ConfigError):
+    """A client certificate whose notBefore is still ahead of our clock.
+
+    Its own class, with the instant as data, because it is the one failure that
+    cures itself with time: the reloader retries exactly when it becomes valid
+    instead of backing off (a certificate issued at pod start by an issuer whose
+    clock runs ahead of ours must not leave the database unready until a SIGHUP).
+    """
+
+    def __init__(self, message: str, *, not_before: dt.datetime, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.not_before = not_before
+
+
+def fingerprint(paths: list[str]) -> str:
+    """A digest of the files' *contents* (through symlinks), a read error counting as content.
+
+    Content, not paths or mtimes, is what changes when the kubelet swaps a Secret's
+    ``..data`` symlink or an editor renames a new file over the old one.
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode() + b"\0")
+        try:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        except OSError as exc:
+            h.update(f"<{exc.errno}>".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one load found: the files' fingerprint and either new material or the error."""
+
+    fingerprint: str
+    material: Material | None
+    error: ConfigError | None
 
 
 def _read_certs(path: str, what: str, yaml_path: str) -> list[x509.Certificate]:
@@ -85,6 +135,11 @@ class ClientTLS:
         self.alpn = db.spec.alpn  # only where the protocol defines one
         self.material: Material | None = None
         self.last_error: str | None = None
+        # The last failed attempt (None after a success): the reloader reads its class, e.g.
+        # CertificateNotYetValid, to decide when to try again.
+        self.last_failure: ConfigError | None = None
+        # The files' fingerprint when they were last tried (None: never tried).
+        self.tried_fingerprint: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -144,9 +199,10 @@ class ClientTLS:
                     f"client certificate {cert_path} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z",
                     path=f"{yaml_path}.clientCertificate",
                 )
-            if leaf.not_valid_before_utc > now:
-                raise ConfigError(
-                    f"client certificate {cert_path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z",
+            if (not_before := leaf.not_valid_before_utc) > now:
+                raise CertificateNotYetValid(
+                    f"client certificate {cert_path} is not valid before {not_before:%Y-%m-%d %H:%M:%S}Z",
+                    not_before=not_before,
                     path=f"{yaml_path}.clientCertificate",
                 )
             if (w := key_permission_warning(key_path)) is not None:
@@ -161,16 +217,42 @@ class ClientTLS:
             default = self._context(None, "tls")  # SIMPLE: server verification only
         return Material(default, by_user, tuple(certs), tuple(warnings))
 
-    def load(self) -> Material:
-        """Build and swap in new material; on error keep the old one and re-raise."""
+    def attempt(self) -> Attempt:
+        """Fingerprint the files, then build from them; never raises a ConfigError, changes nothing.
+
+        Safe in a worker thread.  The fingerprint is taken *before* the files are read:
+        a file replaced in between is then loaded new but recorded old, so the next
+        poll sees a change and loads it again; the other order could miss a change.
+        """
+        fp = fingerprint(self.files())
         try:
-            material = self.build()
+            return Attempt(fp, self.build(), None)
         except ConfigError as exc:
-            self.last_error = exc.message
-            raise
-        self.material = material
+            return Attempt(fp, None, exc)
+
+    def apply(self, attempt: Attempt) -> None:
+        """Swap in the attempt's material, or record its error and keep the old material (on the loop)."""
+        self.tried_fingerprint = attempt.fingerprint
+        if attempt.material is None:
+            self.last_failure = attempt.error
+            self.last_error = attempt.error.message if attempt.error is not None else "not loaded"
+            return
+        self.material = attempt.material  # one assignment: a connection sees the old or the new, never a mix
         self.last_error = None
-        return material
+        self.last_failure = None
+
+    def load(self) -> Material:
+        """Build and swap in new material in this thread; on error keep the old one and raise.
+
+        For start-up (``Proxy.start``), before any listener is bound and so before any
+        connection could wait for it; a running process reloads through ``attempt`` in a
+        worker thread and ``apply`` on the loop (``dbmtls.tls.reload``).
+        """
+        attempt = self.attempt()
+        self.apply(attempt)
+        if attempt.material is None:
+            raise attempt.error or ConfigError("TLS material not loaded")
+        return attempt.material
 
     def context_for(self, user: str | None) -> ssl.SSLContext | None:
         """The context for a connection (None: TLS disabled).  Fail closed when nothing fits."""
