@@ -67,8 +67,10 @@ class App:
             LOG.warning("second signal: closing all connections now", extra={"fields": {"why": why}})
             self.proxy.close_all()
 
-    def reload(self, why: str) -> None:
-        self.reloader.reload_all(why)
+    async def reload(self, why: str) -> list[str]:
+        # shield: a caller that stops waiting (the admin server's answer timeout) does not
+        # cancel the reload itself, which the reloader keeps as a task of its own.
+        return await asyncio.shield(self.reloader.request(why))
 
     # --- running ---------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ class App:
         await self.proxy.start()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, functools.partial(self.request_shutdown, name, from_signal=True))
-        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request, "SIGHUP")
         await self._start_extras()
         LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
         await self.proxy.stopped.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,32 @@ def _metric(proxy: Dbmtls, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def _wait_lines(proxy: Dbmtls, needle: str, count: int, timeout: float = 15.0) -> list[str]:
+    """The log lines containing ``needle``, once there are at least ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [ln for ln in proxy.log().splitlines() if needle in ln]
+        if len(lines) >= count:
+            return lines
+        assert time.monotonic() < deadline, f"fewer than {count} lines with {needle!r}:\n{proxy.log()}"
+        time.sleep(0.05)
+
+
+def _readyz(proxy: Dbmtls) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(proxy.admin_url + "/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait_ready(proxy: Dbmtls, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (answer := _readyz(proxy))[0] != 200:
+        assert time.monotonic() < deadline, f"/readyz still {answer}\n{proxy.log()}"
+        time.sleep(0.1)
 
 
 class Load:
@@ -175,13 +202,13 @@ def test_broken_replacements_keep_the_old_certificate(pki: PKI, pg: PostgresTLS,
         }
         for i, (what, files) in enumerate(broken.items(), start=1):
             secret.update(files)
-            deadline = time.monotonic() + 15
-            while _metric(proxy, "dbmtls_certificate_reloads_total", database="pg", result="failure") < i:
-                assert time.monotonic() < deadline, f"{what}: no failed reload counted\n{proxy.log()}"
-                time.sleep(0.1)
-            failures = [ln for ln in proxy.log().splitlines() if "certificate reload failed" in ln]
+            # one ERROR line per change (retries of the same files fail at DEBUG, not shown at info)
+            failures = _wait_lines(proxy, "certificate reload failed", i)
             assert expected_text[what] in failures[-1], failures[-1]
             assert "keeping the previous certificates" in failures[-1]
+            assert "unless the files change first" in failures[-1]  # and when it is tried again
+            # counted (retries are attempts too, so at least once per change)
+            assert _metric(proxy, "dbmtls_certificate_reloads_total", database="pg", result="failure") >= i
             # the old, good certificate keeps working for new connections
             assert _query_serial(port) == _serial(good), what
         assert "PRIVATE KEY" not in proxy.log()
@@ -224,3 +251,45 @@ def test_ca_bundle_rotation_is_picked_up(pki: PKI, pg: PostgresTLS, workdir: Pat
                 assert time.monotonic() < deadline, proxy.log()
                 time.sleep(0.1)
         assert _metric(proxy, "dbmtls_certificate_reloads_total", database="pg", result="success") >= 1
+
+
+def test_a_certificate_not_valid_yet_at_start_is_loaded_at_its_not_before(
+    pki: PKI, pg: PostgresTLS, workdir: Path
+) -> None:
+    """Issued by a CA whose clock is a few seconds ahead: ready at its notBefore, nobody sends SIGHUP."""
+    not_before = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=4)
+    future = _client_cert(pki, workdir, "future", not_before=not_before)
+    secret = SecretDir(workdir / "client-certs")
+    secret.update_from(future)
+    port = free_port()
+    with Dbmtls(workdir, _config(port, pg, secret), admin=True).start((port,)) as proxy:
+        status, body = _readyz(proxy)
+        assert status == 503 and "is not valid before" in body, f"started too late to see it not yet valid: {body}"
+        scheduled = proxy.wait_line("certificate load will be retried")
+        assert f"{not_before + dt.timedelta(seconds=1):%Y-%m-%dT%H:%M:%S}Z" in scheduled
+        _wait_ready(proxy)
+        loaded = proxy.wait_line("certificates reloaded")
+        assert "trigger=retry" in loaded
+        assert _query_serial(port) == _serial(future)
+        assert "SIGHUP" not in proxy.log()
+
+
+def test_a_broken_certificate_is_retried_then_taken_once_fixed(pki: PKI, pg: PostgresTLS, workdir: Path) -> None:
+    secret = SecretDir(workdir / "client-certs")
+    good = _client_cert(pki, workdir, "good")
+    other = _client_cert(pki, workdir, "other")
+    mismatched = {"tls.crt": good / "tls.crt", "tls.key": other / "tls.key", "ca.crt": good / "ca.crt"}
+    secret.update({name: path.read_bytes() for name, path in mismatched.items()})
+    port = free_port()
+    config = _config(port, pg, secret)
+    with Dbmtls(workdir, config, admin=True, args=("--log-level", "debug")).start((port,)) as proxy:
+        assert _readyz(proxy)[0] == 503
+        # retried while the files stay the same, each retry logged at DEBUG only
+        retries = _wait_lines(proxy, "trigger=retry", 2)
+        assert all("DEBUG" in ln and "does not match" in ln for ln in retries), retries
+        # the start-up failure was retried after 1 s, then the backoff doubles
+        assert ['retry="in 2s' in retries[0], 'retry="in 4s' in retries[1]] == [True, True], retries
+        secret.update_from(good)
+        _wait_ready(proxy)
+        assert 'trigger="file change"' in proxy.wait_line("certificates reloaded")
+        assert _query_serial(port) == _serial(good)

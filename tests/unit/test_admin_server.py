@@ -55,6 +55,7 @@ class FakeControl:
     problems: list[str] = field(default_factory=list)
     shutdowns: list[str] = field(default_factory=list)
     reloads: list[str] = field(default_factory=list)
+    reload_problems: list[str] = field(default_factory=list)
     counts: dict[str, ReloadCounts] = field(default_factory=lambda: {"cache": ReloadCounts(success=2, failure=1)})
 
     def __post_init__(self) -> None:
@@ -74,8 +75,9 @@ class FakeControl:
     def request_shutdown(self, why: str) -> None:
         self.shutdowns.append(why)
 
-    def reload(self, why: str) -> None:
+    async def reload(self, why: str) -> list[str]:
         self.reloads.append(why)
+        return list(self.reload_problems)
 
 
 @dataclass
@@ -245,6 +247,31 @@ def test_quitquitquit_and_reload_need_post(control: FakeControl) -> None:
     ]
     assert control.reloads == ["/reload"]
     assert control.shutdowns == ["/quitquitquit"]
+
+
+def test_reload_answers_with_what_failed(control: FakeControl) -> None:
+    control.reload_problems = ["cache: private key /c/tls.key does not match certificate /c/tls.crt"]
+    reply = _serve(control, lambda port: _request(port, "POST", "/reload"))
+    assert (reply.status, reply.text) == (
+        500,
+        "reload failed\n- cache: private key /c/tls.key does not match certificate /c/tls.crt\n",
+    )
+
+
+def test_reload_that_hangs_is_answered(control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certificate volume that hangs a read must not hang the admin request (the reload goes on)."""
+    monkeypatch.setattr(admin_server, "RELOAD_ANSWER_TIMEOUT", 0.1)
+    never = asyncio.Event()
+
+    async def hanging_reload(why: str) -> list[str]:
+        control.reloads.append(why)
+        await never.wait()
+        return []
+
+    monkeypatch.setattr(control, "reload", hanging_reload)
+    reply = _serve(control, lambda port: _request(port, "POST", "/reload"))
+    assert (reply.status, reply.text) == (503, "reload still running after 0.1s; see the log\n")
+    assert control.reloads == ["/reload"]
 
 
 def test_loglevel_read_and_change(control: FakeControl) -> None:

@@ -39,6 +39,10 @@ class Control(Protocol):
         """Start the graceful drain (``POST /quitquitquit``); asking again changes nothing."""
         ...
 
-    def reload(self, why: str) -> None:
-        """Re-read every certificate file now, even unchanged ones (``POST /reload``)."""
+    async def reload(self, why: str) -> list[str]:
+        """Re-read every certificate file now, even unchanged ones (``POST /reload``).
+
+        Returns what failed, one line per database (empty: everything loaded).  Cancelling
+        the wait does not cancel the reload: it finishes, and logs its result, on its own.
+        """
         ...

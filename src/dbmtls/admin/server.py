@@ -9,7 +9,8 @@ Endpoints (all on the admin address, loopback by default):
 ``/metrics``           GET     Prometheus text format (see ``metrics.py``)
 ``/config``            GET     effective configuration as JSON (file paths, never PEM)
 ``/quitquitquit``      POST    start a graceful drain, then exit 0
-``/reload``            POST    re-read certificate files now (like SIGHUP)
+``/reload``            POST    re-read certificate files now (like SIGHUP); 200 when every
+                               database loaded, else 500 + what failed (old material kept)
 ``/loglevel``          GET     current level; POST with body ``debug|info|warning|error``
 =====================  ======  ===========================================================
 
@@ -44,6 +45,7 @@ from dbmtls.logs import LOG, set_level
 MAX_HEAD = 8192
 MAX_BODY = 1024
 READ_TIMEOUT = 5.0
+RELOAD_ANSWER_TIMEOUT = 10.0
 _READ_CHUNK = 4096
 _REASONS = {
     200: "OK",
@@ -51,6 +53,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 _BAD_REQUEST = (400, "text/plain", b"bad request\n")
@@ -114,6 +117,10 @@ async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> _
             raise _BadRequest(f"unexpected {event!r}")
 
 
+def _bullets(lines: list[str]) -> str:
+    return "".join(f"- {line}\n" for line in lines)
+
+
 def _response(conn: h11.Connection, status: int, ctype: str, payload: bytes, *, head_only: bool) -> bytes:
     headers = [("Content-Type", ctype), ("Content-Length", str(len(payload))), ("Connection", "close")]
     parts = [conn.send(h11.Response(status_code=status, reason=_REASONS.get(status, "OK"), headers=headers))]
@@ -159,7 +166,7 @@ class AdminServer:
                     # to stop the sidecar or change its log level (CSRF against localhost).
                     status, ctype, payload = 403, "text/plain", b"cross-origin requests are refused\n"
                 else:
-                    status, ctype, payload = self.route(request.method, request.target, request.body)
+                    status, ctype, payload = await self.route(request.method, request.target, request.body)
                 writer.write(_response(conn, status, ctype, payload, head_only=request.method == "HEAD"))
             await writer.drain()
         except ConnectionError:
@@ -169,7 +176,7 @@ class AdminServer:
         finally:
             writer.close()
 
-    def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+    async def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         text = "text/plain; charset=utf-8"
         if path == "/healthz":
@@ -177,7 +184,7 @@ class AdminServer:
         if path == "/readyz":
             problems = self.control.readiness()
             if problems:
-                return 503, text, ("not ready\n" + "".join(f"- {p}\n" for p in problems)).encode()
+                return 503, text, ("not ready\n" + _bullets(problems)).encode()
             return 200, text, b"ready\n"
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.registry)
@@ -192,7 +199,14 @@ class AdminServer:
         if path == "/reload":
             if method != "POST":
                 return 405, text, b"use POST\n"
-            self.control.reload("/reload")
+            try:
+                async with asyncio.timeout(RELOAD_ANSWER_TIMEOUT):
+                    problems = await self.control.reload("/reload")
+            except TimeoutError:
+                # a file read hanging on a stuck volume: answer, the reload goes on and logs its result
+                return 503, text, f"reload still running after {RELOAD_ANSWER_TIMEOUT:g}s; see the log\n".encode()
+            if problems:
+                return 500, text, ("reload failed\n" + _bullets(problems)).encode()
             return 200, text, b"reloaded\n"
         if path == "/loglevel":
             if method == "POST":
