@@ -94,7 +94,7 @@ class App:
         """Certificate reloader and admin server, started once the listeners are bound."""
         await self.reloader.start()
         if self.admin_listen != "off":
-            self.admin = AdminServer(self, self.admin_listen)
+            self.admin = AdminServer(self, self.admin_listen, allow_remote=self.config.admin.allowRemote)
             await self.admin.start()
 
     async def _stop_extras(self) -> None:

@@ -119,6 +119,30 @@ def test_endpoints_metrics_match_traffic(pki: PKI, redis_tls: RedisTLS, workdir:
         assert proxy.proc.wait(timeout=15) == 0
 
 
+def _get_with(url: str, method: str = "GET", **headers: str) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, headers={k.replace("_", "-"): v for k, v in headers.items()})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_dns_rebinding_and_cross_site_posts_are_refused(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+    port = free_port()
+    with Dbmtls(workdir, _config(port, redis_tls.port, tls_block(pki)), admin=True).start((port,)) as proxy:
+        status, body = _get_with(proxy.admin_url + "/config", Host="evil.example:15000")
+        assert status == 403 and "loopback" in body and pki.client.key not in body
+        assert _get_with(proxy.admin_url + "/config", Host="localhost:15000")[0] == 200
+        # a cross-site form POST carries no Origin in some browsers, but always Sec-Fetch-Site
+        assert _get_with(proxy.admin_url + "/quitquitquit", "POST", Sec_Fetch_Site="cross-site")[0] == 403
+        assert _get(proxy.admin_url + "/readyz") == (200, "ready\n")  # still running
+    remote = _config(port, redis_tls.port, tls_block(pki), admin={"allowRemote": True})
+    with Dbmtls(workdir, remote, admin=True).start((port,)) as proxy:
+        # Prometheus scraping by pod IP sends that IP as Host
+        assert _get_with(proxy.admin_url + "/metrics", Host="10.12.0.7:15000")[0] == 200
+
+
 def test_failure_metric_by_reason(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
     port = free_port()
     tls = tls_block(pki, ca=str(pki.other_ca / "ca.crt"))

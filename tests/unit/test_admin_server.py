@@ -12,14 +12,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from dbmtls.admin import server as admin_server
-from dbmtls.admin.server import MAX_BODY, MAX_HEAD, AdminServer
+from dbmtls.admin.server import MAX_BODY, MAX_HEAD, AdminServer, _is_loopback_host
 from dbmtls.config.model import Config
 from dbmtls.errors import ConfigError
 from dbmtls.proxy.runtime import DatabaseRuntime
@@ -146,17 +146,39 @@ async def _request(
     return _parse(await _raw(port, head.encode() + b"\r\n" + body))
 
 
-def _serve(control: FakeControl, scenario: Callable[[int], Awaitable[T]]) -> T:
+def _serve(control: FakeControl, scenario: Callable[[int], Awaitable[T]], **server_options: Any) -> T:
+    return _serve_server(control, lambda _server, port: scenario(port), **server_options)
+
+
+def _serve_server(
+    control: FakeControl, scenario: Callable[[AdminServer, int], Awaitable[T]], **server_options: Any
+) -> T:
+    """Like ``_serve``, for scenarios that also look at the server's state."""
+
     async def main() -> T:
         port = free_port()
-        server = AdminServer(control, f"127.0.0.1:{port}")
+        server = AdminServer(control, f"127.0.0.1:{port}", **server_options)
         await server.start()
         try:
-            return await scenario(port)
+            return await scenario(server, port)
         finally:
             await server.stop()
 
     return uvloop.run(main())
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait until the server's state satisfies ``condition``.
+
+    The server has no event to wait on for its connection count, and adding one for the
+    tests alone is not worth it: the state is polled, and the timeout is only a safety net.
+    """
+    try:
+        async with asyncio.timeout(10):
+            while not condition():  # noqa: ASYNC110 -- polling server state, see above
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(what) from None
 
 
 @pytest.fixture
@@ -297,13 +319,13 @@ def test_unknown_path_is_404(control: FakeControl) -> None:
 
 
 def test_a_chunked_body_is_read(control: FakeControl) -> None:
-    head = b"POST /loglevel HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /loglevel HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     raw = _serve(control, lambda port: _raw(port, head + b"3\r\nwar\r\n4\r\nning\r\n0\r\n\r\n"))
     assert (_parse(raw).status, _parse(raw).text) == (200, "warning\n")
 
 
 def test_head_gets_the_headers_without_the_body(control: FakeControl) -> None:
-    raw = _serve(control, lambda port: _raw(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    raw = _serve(control, lambda port: _raw(port, b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"))
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.split(b"\r\n") == [
         b"HTTP/1.1 200 OK",
@@ -325,14 +347,14 @@ def test_http_1_0_without_host(control: FakeControl) -> None:
 
 
 def test_one_request_per_connection(control: FakeControl) -> None:
-    two = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" * 2
+    two = b"POST /reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n" * 2
     raw = _serve(control, lambda port: _raw(port, two))
     assert raw.count(b"HTTP/1.1 ") == 1 and _parse(raw).status == 200
     assert control.reloads == ["/reload"]
 
 
 def test_request_arriving_in_pieces(control: FakeControl) -> None:
-    pieces = (b"POST /logl", b"evel HTTP/1.1\r\nHo", b"st: x\r\nContent-Length: 5\r\n", b"\r\n", b"err", b"or")
+    pieces = (b"POST /logl", b"evel HTTP/1.1\r\nHo", b"st: localhost\r\nContent-Length: 5\r\n", b"\r\n", b"err", b"or")
     raw = _serve(control, lambda port: _raw(port, *pieces))
     assert (_parse(raw).status, _parse(raw).text) == (200, "error\n")
 
@@ -376,7 +398,7 @@ def test_garbage_is_400(control: FakeControl, raw: bytes) -> None:
 
 def test_head_is_bounded(control: FakeControl) -> None:
     def request(head_size: int) -> bytes:
-        start = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        start = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
         pad = head_size - len(start) - len(b"X-Pad: \r\n\r\n")
         return start + b"X-Pad: " + b"a" * pad + b"\r\n\r\n"
 
@@ -389,11 +411,11 @@ def test_head_is_bounded(control: FakeControl) -> None:
 
 
 def test_body_is_bounded(control: FakeControl) -> None:
-    at_limit = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MAX_BODY + b"x" * MAX_BODY
+    at_limit = b"POST /reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % MAX_BODY + b"x" * MAX_BODY
     assert _parse(_serve(control, lambda port: _raw(port, at_limit))).status == 200
-    over = b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+    over = b"POST /reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
     assert _parse(_serve(control, lambda port: _raw(port, over))).status == 400
-    chunked = b"POST /reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"POST /reload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     big_chunks = chunked + (b"200\r\n" + b"x" * 0x200 + b"\r\n") * 3 + b"0\r\n\r\n"
     assert _parse(_serve(control, lambda port: _raw(port, big_chunks))).status == 400
     assert control.reloads == ["/reload"]
@@ -417,3 +439,74 @@ def test_a_busy_port_is_a_config_error(control: FakeControl) -> None:
             await first.stop()
 
     uvloop.run(main())
+
+
+# --- DNS rebinding and cross-site requests -------------------------------------------------
+
+REFUSED_HOST = (
+    "refused: the Host header does not name a loopback address; the admin API only answers "
+    "requests addressed to localhost, 127.0.0.0/8 or [::1] (set admin.allowRemote: true to answer any name)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:15000",
+        "127.0.0.1.nip.io",  # a name that resolves to loopback is still a name an attacker owns
+        "localhost.evil.example",
+        "10.0.0.7:15000",
+        "[::2]:15000",
+        "0.0.0.0:15000",
+        "localhost:",  # not a valid port
+        "",
+    ],
+)
+@pytest.mark.parametrize("path", ["/config", "/metrics", "/healthz"])
+def test_dns_rebinding_a_non_loopback_host_is_refused(control: FakeControl, host: str, path: str) -> None:
+    """A page whose name was re-resolved to 127.0.0.1 still sends its own name as Host."""
+    raw = _serve(control, lambda port: _raw(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
+    reply = _parse(raw)
+    assert (reply.status, reply.text) == (403, REFUSED_HOST)
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "LocalHost:15000", "127.0.0.1", "127.0.0.1:8080", "127.1.2.3", "[::1]", "[::1]:15000"]
+)
+def test_loopback_hosts_are_answered(control: FakeControl, host: str) -> None:
+    raw = _serve(control, lambda port: _raw(port, f"GET /config HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()))
+    assert _parse(raw).status == 200
+
+
+def test_the_configured_listen_host_is_a_loopback_host() -> None:
+    assert _is_loopback_host("sidecar.local:15000", "sidecar.local")
+    assert _is_loopback_host("SIDECAR.local", "sidecar.local")
+    assert not _is_loopback_host("other.local:15000", "sidecar.local")
+
+
+def test_allow_remote_answers_any_host(control: FakeControl) -> None:
+    """Prometheus scrapes by pod IP: with allowRemote the Host is whatever it used."""
+    head = b"GET /metrics HTTP/1.1\r\nHost: 10.12.0.7:15000\r\n\r\n"
+    assert _parse(_serve(control, lambda port: _raw(port, head), allow_remote=True)).status == 200
+    assert _parse(_serve(control, lambda port: _raw(port, head))).status == 403
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site", "Cross-Site"])
+def test_a_cross_site_post_without_origin_is_refused(control: FakeControl, site: str) -> None:
+    headers = {"Sec-Fetch-Site": site}
+    reply = _serve(control, lambda port: _request(port, "POST", "/quitquitquit", headers=headers))
+    assert (reply.status, reply.text) == (403, "cross-site requests are refused (Sec-Fetch-Site)\n")
+    assert control.shutdowns == []
+
+
+@pytest.mark.parametrize("site", ["same-origin", "none"])
+def test_a_same_origin_or_typed_post_is_served(control: FakeControl, site: str) -> None:
+    reply = _serve(control, lambda port: _request(port, "POST", "/reload", headers={"Sec-Fetch-Site": site}))
+    assert (reply.status, reply.text) == (200, "reloaded\n")
+
+
+def test_a_cross_site_get_is_answered(control: FakeControl) -> None:
+    """A cross-site page cannot read the answer (no CORS headers) and GETs change nothing."""
+    headers = {"Sec-Fetch-Site": "cross-site"}
+    assert _serve(control, lambda port: _request(port, "GET", "/healthz", headers=headers)).status == 200

@@ -24,12 +24,19 @@ web framework, its own server) would be far more code than the task needs.
 One request per connection, answered with ``Connection: close``.  The head is
 bounded by ``MAX_HEAD``, the body by ``MAX_BODY``, reading both by
 ``READ_TIMEOUT``: anything malformed, too large, cut short or too slow gets a
-400.  A POST carrying an ``Origin`` header gets a 403 (see ``_handle``).
+400.
+
+There is no authentication, so what a web page in the operator's browser could
+make it do is refused (see ``_refusal``): a request whose Host is not a loopback
+name gets a 403 unless ``admin.allowRemote`` is set (DNS rebinding), and so does
+a POST with an ``Origin`` header or a ``Sec-Fetch-Site`` other than
+``same-origin`` or ``none`` (CSRF).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -130,11 +137,55 @@ def _response(conn: h11.Connection, status: int, ctype: str, payload: bytes, *, 
     return b"".join(p for p in parts if p)
 
 
+def _is_loopback_host(value: str, listen_host: str) -> bool:
+    """Whether a Host header names this machine's loopback (or exactly the configured listen host)."""
+    try:
+        host, _port = split_host_port(value, default_port=80)  # any port: port-forwards renumber it
+    except ValueError:
+        return False
+    host = host.lower()
+    if host in ("localhost", listen_host.lower()):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1, as literals only
+    except ValueError:
+        return False
+
+
+def _refusal(request: _Request, *, allow_remote: bool, listen_host: str) -> tuple[int, str, bytes] | None:
+    """The answer to a request a browser could have been made to send, or None to serve it."""
+    text = "text/plain; charset=utf-8"
+    host = request.headers.get("host")
+    # DNS rebinding: a page on evil.example re-resolves its own name to 127.0.0.1 and then reads
+    # /config and /metrics as same-origin.  Its requests still carry Host: evil.example, which is
+    # the one thing it cannot change.  (No Host at all, HTTP/1.0, is no browser's request.)
+    if host is not None and not allow_remote and not _is_loopback_host(host, listen_host):
+        return (
+            403,
+            text,
+            b"refused: the Host header does not name a loopback address; the admin API only answers "
+            b"requests addressed to localhost, 127.0.0.0/8 or [::1] (set admin.allowRemote: true "
+            b"to answer any name)\n",
+        )
+    if request.method == "POST":
+        # Browsers send Origin on every cross-site POST, and Sec-Fetch-Site on every request
+        # (same-origin, same-site, cross-site, or none when a person typed the URL): a web page
+        # must not be able to stop the sidecar or change its log level (CSRF against localhost).
+        if "origin" in request.headers:
+            return 403, "text/plain", b"cross-origin requests are refused\n"
+        fetch_site = request.headers.get("sec-fetch-site")
+        if fetch_site is not None and fetch_site.strip().lower() not in ("same-origin", "none"):
+            return 403, "text/plain", b"cross-site requests are refused (Sec-Fetch-Site)\n"
+    return None
+
+
 class AdminServer:
-    def __init__(self, control: Control, listen: str) -> None:
+    def __init__(self, control: Control, listen: str, *, allow_remote: bool = False) -> None:
         self.control = control
         self.listen = listen
+        self.allow_remote = allow_remote
         self.registry = make_registry(control)
+        self._listen_host = split_host_port(listen)[0]
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -161,10 +212,9 @@ class AdminServer:
             else:
                 if request is None:
                     return
-                if request.method == "POST" and "origin" in request.headers:
-                    # Browsers send Origin on every cross-site POST: a web page must not be able
-                    # to stop the sidecar or change its log level (CSRF against localhost).
-                    status, ctype, payload = 403, "text/plain", b"cross-origin requests are refused\n"
+                refusal = _refusal(request, allow_remote=self.allow_remote, listen_host=self._listen_host)
+                if refusal is not None:
+                    status, ctype, payload = refusal
                 else:
                     status, ctype, payload = await self.route(request.method, request.target, request.body)
                 writer.write(_response(conn, status, ctype, payload, head_only=request.method == "HEAD"))

@@ -229,6 +229,8 @@ class AdminConfig(_Model):
     listen: str = "127.0.0.1:15000"  # "off" disables the admin server
     # The admin API can stop the process and change its log level, and has no authentication:
     # a non-loopback address (e.g. for Prometheus on the pod IP) must be asked for by name.
+    # Without it the admin server also answers only requests whose Host is a loopback name,
+    # which is what keeps a DNS-rebinding web page from reading /config and /metrics.
     allowRemote: bool = False  # noqa: N815
 
     @field_validator("listen")
