@@ -8,11 +8,16 @@ sleeps anywhere.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import uvloop
@@ -510,3 +515,218 @@ def test_a_cross_site_get_is_answered(control: FakeControl) -> None:
     """A cross-site page cannot read the answer (no CORS headers) and GETs change nothing."""
     headers = {"Sec-Fetch-Site": "cross-site"}
     assert _serve(control, lambda port: _request(port, "GET", "/healthz", headers=headers)).status == 200
+
+
+# --- bounded resources ---------------------------------------------------------------------
+
+
+class _Idle:
+    """A client that connects and then does nothing (or never reads), holding a connection open."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, port: int, first: bytes = b"", *, rcvbuf: int | None = None) -> _Idle:
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        if first:
+            await asyncio.get_running_loop().sock_sendall(sock, first)
+        return cls(sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_client_that_never_reads_is_aborted_and_blocks_no_one(
+    control: FakeControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5)
+    big = b"x" * (16 << 20)  # far more than the socket buffers on both sides hold
+    real_route = AdminServer.route
+
+    async def route(self: AdminServer, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+        if path == "/big":
+            return 200, "application/octet-stream", big
+        return await real_route(self, method, path, body)
+
+    monkeypatch.setattr(AdminServer, "route", route)
+
+    async def scenario(server: AdminServer, port: int) -> tuple[Reply, Reply]:
+        stuck = await _Idle.open(port, b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n", rcvbuf=4096)
+        try:
+            await _until(lambda: server.open_connections == 1, "the never-reading client was not accepted")
+            during = await _request(port, "GET", "/healthz")  # served while the other one is stuck
+            # the server gives up on it: its slot is free although the client never read or closed
+            await _until(lambda: server.open_connections == 0, "a client that never reads kept its connection")
+            after = await _request(port, "GET", "/healthz")
+        finally:
+            stuck.close()
+        return during, after
+
+    during, after = _serve_server(control, scenario, max_connections=2)
+    assert (during.status, after.status) == (200, 200)
+
+
+def test_the_connection_cap_holds_and_recovers(
+    control: FakeControl, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(admin_server, "READ_TIMEOUT", 60.0)  # the idle clients keep their slots
+    caplog.set_level(logging.WARNING, logger="dbmtls")
+
+    async def scenario(server: AdminServer, port: int) -> tuple[list[bytes], Reply]:
+        idle = [await _Idle.open(port), await _Idle.open(port)]
+        try:
+            await _until(lambda: server.open_connections == 2, "the idle clients were not accepted")
+            request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            refused = [await _raw(port, request) for _ in range(3)]  # closed at once, no answer
+            assert server.open_connections == 2
+        finally:
+            for client in idle:
+                client.close()
+        await _until(lambda: server.open_connections == 0, "closed clients kept their slots")
+        return refused, await _request(port, "GET", "/healthz")
+
+    refused, after = _serve_server(control, scenario, max_connections=2)
+    assert refused == [b"", b"", b""]
+    assert (after.status, after.text) == (200, "ok\n")
+    limit_lines = [r for r in caplog.records if "connection limit" in r.getMessage()]
+    assert len(limit_lines) == 1  # once per interval, not once per refused connection
+    assert getattr(limit_lines[0], "fields", {}) == {"limit": 2, "refused_total": 1}
+
+
+class _Listener:
+    """Stands in for a listening socket: ``accept`` follows a script of results and errors."""
+
+    def __init__(self, *script: OSError | socket.socket) -> None:
+        self.script = list(script)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not self.script:
+            raise BlockingIOError(errno.EAGAIN, "no more")
+        step = self.script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return step, ("127.0.0.1", 1)
+
+
+def _accept_from(server: AdminServer, *script: OSError | socket.socket) -> None:
+    """What the loop does when a listening socket is readable, with ``accept`` scripted."""
+    server._accept(cast(socket.socket, _Listener(*script)))
+
+
+def _spare(server: AdminServer) -> int | None:
+    return server._spare  # a call, so that mypy does not keep an earlier narrowing of the attribute
+
+
+def _paused(server: AdminServer) -> bool:
+    return server._retry is not None
+
+
+def _emfile() -> OSError:
+    return OSError(errno.EMFILE, "Too many open files")
+
+
+async def _ask(sock: socket.socket) -> Reply:
+    """Send a request over one end of a socket pair whose other end the server accepted."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = b""
+    async with asyncio.timeout(10):
+        while chunk := await loop.sock_recv(sock, 4096):
+            data += chunk
+    sock.close()
+    return _parse(data)
+
+
+def test_accept_errors_never_close_the_listener(
+    control: FakeControl, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What uvloop would do (close the listening socket for good) never happens here."""
+    monkeypatch.setattr(admin_server, "ACCEPT_RETRY_DELAY", 0.05)
+    caplog.set_level(logging.WARNING, logger="dbmtls")
+
+    async def scenario(server: AdminServer, port: int) -> list[Reply]:
+        replies = []
+        # one pending connection that failed in the backlog is skipped; the next one is served
+        ours, theirs = socket.socketpair()
+        _accept_from(server, OSError(errno.ECONNABORTED, "aborted"), theirs)
+        replies.append(await _ask(ours))
+
+        # out of descriptors: the spare is given up for the waiting connection, which is served
+        assert _spare(server) is not None
+        ours, theirs = socket.socketpair()
+        _accept_from(server, _emfile(), theirs)
+        assert _spare(server) is None
+        replies.append(await _ask(ours))
+
+        # out of descriptors and no spare: pause, then accept again (the spare is taken back)
+        _accept_from(server, _emfile(), _emfile())
+        assert _paused(server), "did not pause after EMFILE"
+        await _until(lambda: not _paused(server), "never resumed accepting")
+        assert _spare(server) is not None
+        # ... and any other error is paused on, not spun on
+        _accept_from(server, OSError(errno.ENOBUFS, "No buffer space available"))
+        assert _paused(server), "did not pause after ENOBUFS"
+        await _until(lambda: not _paused(server), "never resumed accepting")
+        replies.append(await _request(port, "GET", "/healthz"))  # the real listener still serves
+        return replies
+
+    replies = _serve_server(control, scenario)
+    assert [r.status for r in replies] == [200, 200, 200]
+    paused = [r for r in caplog.records if r.getMessage() == "admin server cannot accept connections, retrying"]
+    assert len(paused) == 1  # the ENOBUFS pause right after the EMFILE one is not logged again
+
+
+def test_out_of_descriptors_health_is_still_answered_and_the_listener_survives() -> None:
+    """A real process out of descriptors (lowered RLIMIT_NOFILE, every slot taken).
+
+    uvloop's own server would accept each waiting connection and close it at once (libuv's
+    EMFILE trick), so a liveness probe fails exactly then; here each one is answered, on the
+    spare descriptor the admin server keeps, and nothing is lost once descriptors are free.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "support.admin_fd_limit"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    def command(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    def healthz(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        assert _parse(healthz(port)).status == 200
+        full = command("fill")
+        assert full.startswith("full "), full
+        answers = [healthz(port) for _ in range(3)]  # every slot is taken during all three
+        assert command("free") == "freed"
+        after = healthz(port)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=15)
+    log = proc.stderr.read()
+    assert [_parse(a).status for a in answers] == [200, 200, 200], log
+    assert _parse(after).status == 200
+    assert log.count("out of file descriptors: admin connection accepted on the spare descriptor") == 1, log
+    assert "ERROR" not in log

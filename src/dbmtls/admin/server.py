@@ -24,7 +24,8 @@ web framework, its own server) would be far more code than the task needs.
 One request per connection, answered with ``Connection: close``.  The head is
 bounded by ``MAX_HEAD``, the body by ``MAX_BODY``, reading both by
 ``READ_TIMEOUT``: anything malformed, too large, cut short or too slow gets a
-400.
+400.  Handing the answer to the kernel is bounded by ``WRITE_TIMEOUT``, and at
+most ``MAX_CONNECTIONS`` connections are open at once (see ``AdminServer``).
 
 There is no authentication, so what a web page in the operator's browser could
 make it do is refused (see ``_refusal``): a request whose Host is not a loopback
@@ -36,9 +37,14 @@ a POST with an ``Origin`` header or a ``Sec-Fetch-Site`` other than
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import ipaddress
 import json
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import h11
@@ -53,6 +59,32 @@ MAX_HEAD = 8192
 MAX_BODY = 1024
 READ_TIMEOUT = 5.0
 RELOAD_ANSWER_TIMEOUT = 10.0
+WRITE_TIMEOUT = 5.0
+# With its listeners and spare, the admin server then fits in the descriptors the data path
+# leaves alone (dbmtls.proxy.limits.FD_RESERVE, 64, shared with stdio, the event loop and
+# certificate reads), so a saturated data path and a flood of admin clients together still
+# do not run the process out of descriptors.
+MAX_CONNECTIONS = 32
+ACCEPT_BATCH = 32
+ACCEPT_RETRY_DELAY = 0.5
+ABUSE_LOG_INTERVAL = 60.0
+# accept() errors that belong to one pending connection (Linux reports the network errors of
+# a connection that failed in the backlog from accept itself): skip it, keep accepting.
+_PENDING_CONNECTION_ERRORS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENONET,
+        errno.EOPNOTSUPP,
+        errno.ECONNRESET,
+    }
+)
 _READ_CHUNK = 4096
 _REASONS = {
     200: "OK",
@@ -124,6 +156,28 @@ async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> _
             raise _BadRequest(f"unexpected {event!r}")
 
 
+async def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host`` (``localhost``: 127.0.0.1 and ::1), as asyncio binds them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _bullets(lines: list[str]) -> str:
     return "".join(f"- {line}\n" for line in lines)
 
@@ -135,6 +189,21 @@ def _response(conn: h11.Connection, status: int, ctype: str, payload: bytes, *, 
         parts.append(conn.send(h11.Data(data=payload)))
     parts.append(conn.send(h11.EndOfMessage()))
     return b"".join(p for p in parts if p)
+
+
+class _Throttle:
+    """Say something at most once per ``interval``: abuse must not turn into a flood of log lines."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
 
 
 def _is_loopback_host(value: str, listen_host: str) -> bool:
@@ -180,51 +249,218 @@ def _refusal(request: _Request, *, allow_remote: bool, listen_host: str) -> tupl
 
 
 class AdminServer:
-    def __init__(self, control: Control, listen: str, *, allow_remote: bool = False) -> None:
+    """The admin HTTP server, with its own bounded share of the process.
+
+    It accepts on its own listening sockets (not ``asyncio.start_server``) because of what
+    uvloop does when ``accept()`` fails: on EMFILE/ENFILE libuv closes a reserved descriptor,
+    accepts every pending connection and closes it at once (so a liveness probe fails exactly
+    when the data path has used up the descriptors), and when that reserve is gone (libuv
+    documents the trick as unreliable with other threads opening files, as the certificate
+    reloader's worker does) or on any other accept error it reports the error to uvloop,
+    which closes the listening socket for good while ``Server.is_serving()`` still says True.
+    Here an accept error never closes the listener:
+
+    * EMFILE/ENFILE: the server holds one spare descriptor (``/dev/null``) of its own; it
+      gives it up to accept the waiting connection and serves it, and takes the spare back
+      when a descriptor is free again.  Without a spare it stops accepting for
+      ``ACCEPT_RETRY_DELAY`` and tries again; waiting connections stay in the backlog;
+    * errors of one pending connection (ECONNABORTED, EPROTO, network errors): skipped;
+    * anything else (ENOBUFS, ENOMEM, ...): paused and retried like EMFILE.
+
+    At most ``MAX_CONNECTIONS`` connections are open at once; beyond that a new one is closed
+    as soon as it is accepted.  Each one lasts at most ``READ_TIMEOUT`` to read the request,
+    ``RELOAD_ANSWER_TIMEOUT`` for ``/reload``, and ``WRITE_TIMEOUT`` to hand the answer to the
+    kernel, after which it is aborted: a client that never reads cannot keep a slot.  Refused
+    connections and accept failures are logged at most once per ``ABUSE_LOG_INTERVAL``.
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        listen: str,
+        *,
+        allow_remote: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.control = control
         self.listen = listen
         self.allow_remote = allow_remote
+        self.max_connections = max_connections
         self.registry = make_registry(control)
         self._listen_host = split_host_port(listen)[0]
-        self._server: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._spare: int | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._refused = 0
+        self._full_log = _Throttle(ABUSE_LOG_INTERVAL)
+        self._accept_log = _Throttle(ABUSE_LOG_INTERVAL)
+        self._spare_log = _Throttle(ABUSE_LOG_INTERVAL)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.getsockname()[1]) for s in self._sockets]
+
+    # --- listening -----------------------------------------------------------------------
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
         try:
-            self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+            self._sockets = await _bind(host, port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.listen}: {exc.strerror or exc}", path="admin.listen") from None
+        self._take_spare()
+        self._accepting(True)
         LOG.info("admin server listening", extra={"fields": {"listen": self.listen}})
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        self._accepting(False)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _accepting(self, on: bool) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            if on:
+                loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                loop.remove_reader(sock.fileno())
+
+    def _take_spare(self) -> None:
+        if self._spare is None and self._sockets:
+            with contextlib.suppress(OSError):  # none free now: taken again when one is
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _accept(self, listener: socket.socket) -> None:
+        self._take_spare()  # lost to an earlier EMFILE: take it back while a descriptor is free
+        for _ in range(ACCEPT_BATCH):  # bounded: a flood cannot keep the loop in here
+            try:
+                sock, _peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _PENDING_CONNECTION_ERRORS:
+                    continue  # that one connection failed before we took it; the next may not
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare is not None:
+                    os.close(self._spare)  # our own descriptor, given up for this connection
+                    self._spare = None
+                    if self._spare_log.ready():
+                        LOG.warning(
+                            "out of file descriptors: admin connection accepted on the spare descriptor",
+                            extra={"fields": {"error": exc.strerror or str(exc)}},
+                        )
+                    try:
+                        sock, _peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    except OSError as again:  # another thread took the descriptor first
+                        exc = again
+                    else:
+                        self._admit(sock)
+                        continue
+                self._pause(exc)
+                return
+            self._admit(sock)
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop accepting for a moment instead of spinning on an error that a moment may cure."""
+        if self._accept_log.ready():
+            LOG.warning(
+                "admin server cannot accept connections, retrying",
+                extra={"fields": {"error": exc.strerror or str(exc), "retry_in": f"{ACCEPT_RETRY_DELAY:g}s"}},
+            )
+        self._accepting(False)
+        self._retry = asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._take_spare()
+        self._accepting(True)
+
+    def _admit(self, sock: socket.socket) -> None:
+        if len(self._tasks) >= self.max_connections:
+            sock.close()  # at once: no task, no buffer, no timer for a connection beyond the cap
+            self._refused += 1
+            if self._full_log.ready():
+                LOG.warning(
+                    "admin server at its connection limit, closing new connections",
+                    extra={"fields": {"limit": self.max_connections, "refused_total": self._refused}},
+                )
+            return
+        task = asyncio.get_running_loop().create_task(self._connection(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._take_spare()  # a descriptor was just freed: the spare comes first
+        if not task.cancelled() and (exc := task.exception()) is not None:  # _handle catches the rest
+            LOG.error("admin connection failed", exc_info=exc)
+
+    # --- one connection --------------------------------------------------------------------
+
+    async def _connection(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+        except OSError:
+            sock.close()
+            return
+        # drain() then returns only once the whole answer is in the kernel, so that the
+        # close after it never leaves bytes in a user-space buffer a client may never read.
+        transport.set_write_buffer_limits(high=0)
+        await self._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        delivered = False
         try:
+            head_only = False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
                     request = await _read_request(conn, reader)
             except (h11.RemoteProtocolError, _BadRequest, TimeoutError):
-                writer.write(_response(conn, *_BAD_REQUEST, head_only=False))
+                status, ctype, payload = _BAD_REQUEST
             else:
                 if request is None:
+                    delivered = True
                     return
+                head_only = request.method == "HEAD"
                 refusal = _refusal(request, allow_remote=self.allow_remote, listen_host=self._listen_host)
                 if refusal is not None:
                     status, ctype, payload = refusal
                 else:
                     status, ctype, payload = await self.route(request.method, request.target, request.body)
-                writer.write(_response(conn, status, ctype, payload, head_only=request.method == "HEAD"))
-            await writer.drain()
-        except ConnectionError:
-            pass
+            writer.write(_response(conn, status, ctype, payload, head_only=head_only))
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
+            delivered = True
+        except (ConnectionError, TimeoutError):
+            pass  # gone, or not reading its answer: aborted below
         except Exception:
             LOG.exception("admin request failed")
         finally:
-            writer.close()
+            if delivered:
+                writer.close()
+            else:
+                writer.transport.abort()  # close() would wait for a reader that may never come
 
     async def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
