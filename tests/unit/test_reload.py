@@ -24,6 +24,7 @@ from dbmtls.config.model import Config
 from dbmtls.errors import ConfigError
 from dbmtls.pki import issue
 from dbmtls.tls import material as material_module
+from dbmtls.tls import reload as reload_module
 from dbmtls.tls.material import ClientTLS, Material
 from dbmtls.tls.reload import NOT_BEFORE_MARGIN, RETRY_INITIAL, RETRY_MAX, Reloader
 from support.certs import PKI
@@ -359,6 +360,42 @@ def test_the_load_runs_in_a_worker_thread_while_the_loop_keeps_running(
     loop_thread, problems = _run(reloader, scenario)
     assert problems == []
     assert threads and threads[0] != loop_thread
+
+
+def test_stop_does_not_wait_for_a_load_stuck_on_a_hung_volume(
+    pki: PKI, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reload_module, "STOP_TIMEOUT", 0.1)
+    secret = SecretDir(tmp_path / "secret")
+    secret.update_from(Path(pki.client.dir))
+    tls = _tls(secret)
+    first = tls.material
+    reloader = _reloader(tls, clock)
+    release = threading.Event()
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        entered = asyncio.Event()
+
+        def stuck_build() -> Material:
+            loop.call_soon_threadsafe(entered.set)
+            release.wait(timeout=30)
+            raise ConfigError("cannot read tls.crt: Input/output error")
+
+        monkeypatch.setattr(tls, "build", stuck_build)
+        await reloader.start()
+        reload = reloader.request("SIGHUP")
+        await entered.wait()
+        await reloader.stop()  # returns although the read has not
+        stopped_while_stuck = not release.is_set()
+        release.set()  # let the worker thread end, so that the loop can close
+        return stopped_while_stuck and reload.cancelled()
+
+    try:
+        assert uvloop.run(main())
+    finally:
+        release.set()
+    assert tls.material is first
 
 
 def test_the_expiry_window_is_the_one_passed_in(pki: PKI, tmp_path: Path, clock: Clock, logged: Logged) -> None:

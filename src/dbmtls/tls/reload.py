@@ -66,6 +66,10 @@ RETRY_MAX = 60.0
 # Our clock decides when a not-yet-valid certificate is loaded, the server's clock when it is
 # accepted: a second of slack keeps a server whose clock lags ours slightly from refusing it.
 NOT_BEFORE_MARGIN = dt.timedelta(seconds=1)
+STOP_TIMEOUT = 5.0
+# Never poll faster than this, whatever a retry's schedule says: a check that keeps failing
+# (a bug) with a retry due must not turn the poll into a busy loop.
+MIN_POLL_WAIT = 0.05
 
 
 def _utcnow() -> dt.datetime:
@@ -154,10 +158,14 @@ class Reloader:
 
     async def stop(self) -> None:
         self._stop.set()
-        for task in (self._task, *self._requests):
-            if task is not None:
-                with contextlib.suppress(Exception):
-                    await task
+        tasks = {t for t in (self._task, *self._requests) if t is not None}
+        if tasks:
+            # A read stuck on a hung volume must not hold up the shutdown: stop waiting for it
+            # (its worker thread cannot be interrupted; what it loads is dropped).
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def enabled(self) -> dict[str, ClientTLS]:
         return {name: tls for name, tls in self.tls.items() if tls.enabled}
@@ -179,7 +187,7 @@ class Reloader:
     def _next_wait(self) -> float:
         """The poll interval, or less when a retry is due sooner (a notBefore is met to the second)."""
         mono, wall = self._monotonic(), self._wall()
-        return min([self.poll_interval, *(r.wait(mono, wall) for r in self.retries.values())])
+        return max(MIN_POLL_WAIT, min([self.poll_interval, *(r.wait(mono, wall) for r in self.retries.values())]))
 
     async def check(self) -> None:
         """One poll: load what changed, retry what is due, then warn about expiry."""
