@@ -630,3 +630,85 @@ def test_server_failing_just_before_the_relay_starts_is_still_told(pki: PKI) -> 
 
     h = run(pki, "redis", script)
     assert failure_of(h) is Reason.CLIENT_CERT_REJECTED
+
+
+# --- more of each session's decisions -----------------------------------------------------------
+
+
+def test_redis_error_window_answers_at_most_64_requests(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        h.dialer.refuse = ConnectionRefusedError()
+        app = h.connect()
+        app.send(PING * 100)
+        said = await app.closed()  # closes after the cap, without waiting for the window to end
+        assert said.count(b"-ERR dbmtls: [db] connection to srv:1 refused") == 64
+
+    h = run(pki, "redis", script)
+    assert failure_of(h) is Reason.CONNECTION_REFUSED
+
+
+def test_mysql_server_without_a_greeting_times_out_with_a_pre_greeting_err(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        await h.dialer.server()  # accepts, never greets
+        said = await app.closed()
+        assert said[3] == 0 and said[4:5] == b"\xff"
+        assert b"sent no greeting within 0.1s (is it a MySQL server?)" in said
+
+    h = run(pki, "mysql", script, db_fields={"handshakeTimeout": "100ms"})
+    assert failure_of(h) is Reason.TIMEOUT
+
+
+def test_postgres_server_silent_after_startup_times_out_with_an_error_response(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        app.send(startup())
+        server = await h.dialer.server()
+        await server.expect(pg.SSL_REQUEST)
+        server.send(b"S")
+        await server.expect(startup())  # and then nothing
+        said = await app.closed()
+        assert b"C08001\x00" in said
+        assert b"did not answer the StartupMessage within 0.1s" in said
+
+    h = run(pki, "postgres", script, db_fields={"handshakeTimeout": "100ms"})
+    assert failure_of(h) is Reason.TIMEOUT
+
+
+def test_postgres_failed_cancel_is_recorded_and_closed(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        h.dialer.refuse = ConnectionRefusedError()
+        app = h.connect()
+        app.send(struct.pack("!III", 16, pg.CANCEL_REQUEST_CODE, 7) + b"\x01\x02\x03\x04")
+        assert await app.closed() == b""  # a cancel has no reply, not even an error
+
+    h = run(pki, "postgres", script)
+    assert failure_of(h) is Reason.CONNECTION_REFUSED
+    assert h.conns[0].note == "cancel request"
+
+
+def test_mysql_app_speaking_tls_is_closed_without_an_err(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        app = h.connect()
+        server = await h.dialer.server()
+        server.send(packet(greeting(), 0))
+        await app.receive(len(packet(greeting(), 0)))
+        app.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        assert await app.closed() == b""
+        assert server.transport.aborted
+
+    h = run(pki, "mysql", script)
+    assert failure_of(h) is Reason.APP_PROTOCOL
+
+
+def test_session_cancelled_while_telling_the_app_aborts_it(pki: PKI) -> None:
+    async def script(h: Harness) -> None:
+        h.dialer.refuse = ConnectionRefusedError()
+        app = h.connect()
+        app.send(PING)
+        await app.receive(5)  # the answering window is open
+        h.proxy.close_all()  # a second signal during the drain
+        await app.closed()
+        assert app.transport.aborted
+
+    run(pki, "redis", script, settle=False)

@@ -91,6 +91,7 @@ class AnswerRequests:
         try:
             replies = answers.feed(self._seen + app.take())  # what the app sent while we dialled
             while True:
+                replies = replies[: ERROR_MAX_REPLIES - sent]  # a pipeline of thousands gets 64
                 if replies:
                     app.write(b"".join(replies))
                     sent += len(replies)
