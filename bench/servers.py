@@ -21,7 +21,7 @@ from support.certs import PKI
 class Redis:
     """redis-server with a TLS port (tls-auth-clients yes) and a plaintext port on the same process."""
 
-    def __init__(self, workdir: Path, pki: PKI) -> None:
+    def __init__(self, workdir: Path, pki: PKI, *, maxclients: int = 1000) -> None:
         self.tls_port = free_port()
         self.plain_port = free_port()
         d = workdir / "redis"
@@ -38,7 +38,7 @@ class Redis:
             "--save", "",
             "--appendonly", "no",
             "--dir", str(d),
-            "--maxclients", "1000",
+            "--maxclients", str(maxclients),
         ]  # fmt: skip
         self.service = Service("redis-server", cmd, d / "redis.log", port=self.tls_port)
 

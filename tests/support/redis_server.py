@@ -11,7 +11,9 @@ from support.net import free_port, wait_port
 
 
 class RedisTLS:
-    def __init__(self, workdir: Path, server: Pair, ca_cert: str, *, auth_clients: str = "yes") -> None:
+    def __init__(
+        self, workdir: Path, server: Pair, ca_cert: str, *, auth_clients: str = "yes", maxclients: int = 1000
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (make setup installs it)")
         self.port = free_port()
@@ -31,7 +33,7 @@ class RedisTLS:
             "--appendonly", "no",
             "--dir", str(workdir),
             "--logfile", str(self.log_path),
-            "--maxclients", "1000",
+            "--maxclients", str(maxclients),
             "--proto-max-bulk-len", "64mb",
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
