@@ -52,7 +52,7 @@ class _Half(asyncio.Protocol):
     __slots__ = ("eof", "nbytes", "peer", "relay", "transport", "write")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, peer: asyncio.Transport) -> None:
-        self.relay = relay
+        self.relay: Relay | None = relay  # None once the relay is over (see Relay._release)
         self.transport = transport
         self.peer = peer
         self.write = peer.write  # bound once: the hot path is this call and one addition
@@ -74,10 +74,11 @@ class _Half(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        return self.relay._half_eof(self)
+        return self.relay is not None and self.relay._half_eof(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay._half_lost(self, exc)
+        if self.relay is not None:
+            self.relay._half_lost(self, exc)
 
 
 class _Tap(asyncio.Protocol):
@@ -258,8 +259,21 @@ class Relay:
             for timer in (self._linger, self._idle_timer):
                 if timer is not None:
                     timer.cancel()
+            self._release()
             if not self.done.done():
                 self.done.set_result(None)
+
+    def _release(self) -> None:
+        """Both sides are gone: drop the references that make a finished relay a reference cycle.
+
+        The halves point back at the relay, and ``early_upstream_error`` is the session's closure
+        over its Conn, which points at the relay.  Left in place, every finished connection (its
+        transports, SSL object and uvloop's 256 KiB TLS read buffer included) waits for the cyclic
+        garbage collector, and under churn hundreds of them pile up and fragment the heap.
+        """
+        self._early = None
+        self._linger = self._idle_timer = None
+        self.from_app.relay = self.from_up.relay = None
 
     def _idle_check(self) -> None:
         loop = asyncio.get_running_loop()
