@@ -76,6 +76,35 @@ WATCHED = (
 )
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloc_info() -> str:
+    """glibc's view: bytes in use (heap + mmapped) and free bytes it keeps in the heap."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return "malloc stats n/a"
+    fn.restype = _MallInfo2
+    m = fn()
+    return f"malloc in use {(m.uordblks + m.hblkhd) / 2**20:.1f} MB, free in heap {m.fordblks / 2**20:.1f} MB"
+
+
 def counts() -> collections.Counter[str]:
     c: collections.Counter[str] = collections.Counter()
     for o in gc.get_objects():
@@ -106,7 +135,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
         pid = __import__("os").getpid()
 
         async def run(n: int) -> None:
-            await loop.run_in_executor(None, lambda: churn.churn(target, n, pid, every=0))
+            await loop.run_in_executor(None, lambda: churn.churn(target, n, pid, every=0, concurrency=args.concurrency))
             await asyncio.sleep(args.settle)  # relays linger after the app's EOF (HALF_CLOSE_LINGER)
 
         async def report(label: str) -> tracemalloc.Snapshot:
@@ -117,11 +146,14 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
             snap = tracemalloc.take_snapshot()  # after the collection: what cycles held is not in it
             print(
                 f"== {label}: rss {rss_before / 1024:.1f} MB ({churn.rss_kib(pid) / 1024:.1f} MB after gc), traced "
-                f"{tracemalloc.get_traced_memory()[0] / 1024 / 1024:.1f} MB, gc.collect() freed {freed} objects, "
+                f"{tracemalloc.get_traced_memory()[0] / 1024 / 1024:.1f} MB, {malloc_info()}, "
+                f"gc.collect() freed {freed} objects, "
                 f"gc counts {gc.get_count()}",
                 flush=True,
             )
             show_counts(label, before, after)
+            if args.trim:
+                print(f"  {trim(pid)}")
             return snap
 
         await run(args.warmup)
@@ -166,6 +198,8 @@ async def idle(args: argparse.Namespace, target: churn.Target, pid: int) -> None
             print(f"      {line}")
     counted = counts()
     show_counts("while idle", counted, counted)
+    if args.trim:
+        print(f"  while they are open, {trim(pid)}")
 
     def close_them() -> None:
         for c in conns:
@@ -177,11 +211,15 @@ async def idle(args: argparse.Namespace, target: churn.Target, pid: int) -> None
     rss2 = churn.rss_kib(pid)
     print(f"== closed them: rss {rss0 / 1024:.1f} MB before, {rss1 / 1024:.1f} MB open, {rss2 / 1024:.1f} MB closed")
     if args.trim:
-        libc = ctypes.CDLL(None)
-        started = time.perf_counter()
-        libc.malloc_trim(0)
-        took = time.perf_counter() - started
-        print(f"== malloc_trim(0): rss {churn.rss_kib(pid) / 1024:.1f} MB ({took * 1000:.1f} ms)")
+        print(f"== {trim(pid)}")
+
+
+def trim(pid: int) -> str:
+    """glibc's malloc_trim(0): give the free pages inside the heap back to the kernel."""
+    started = time.perf_counter()
+    ctypes.CDLL(None).malloc_trim(0)
+    took = time.perf_counter() - started
+    return f"malloc_trim(0): rss {churn.rss_kib(pid) / 1024:.1f} MB ({took * 1000:.1f} ms), {malloc_info()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", default="redis", choices=sorted(PROTOCOLS))
     p.add_argument("-n", type=int, default=3000, help="connections between the two snapshots")
     p.add_argument("--warmup", type=int, default=2000, help="connections before the first snapshot")
+    p.add_argument("--concurrency", type=int, default=1, help="clients at a time")
     p.add_argument("--frames", type=int, default=8, help="traceback depth recorded by tracemalloc")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each phase")
     p.add_argument("--idle", type=int, default=0, help="then hold this many connections open, and close them")
-    p.add_argument("--trim", action="store_true", help="after closing the idle ones, call glibc malloc_trim(0)")
+    p.add_argument(
+        "--trim",
+        action="store_true",
+        help="call glibc malloc_trim(0) at each report point (and after closing the idle ones)",
+    )
     p.add_argument(
         "--no-collect", dest="collect", action="store_false", help="do not gc.collect() at the report points"
     )
