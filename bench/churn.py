@@ -11,7 +11,8 @@ process (``--admin off``) doing verified mTLS as CN=jinsu, and N connections thr
 connect + one request (``PING`` / ``SELECT 1``) + close (``tests/support/churn.py``).  Prints
 dbmtls's VmRSS and open fds every ``--every`` connections, and a summary: RSS after warm-up
 (the first ``--warmup`` connections) and the growth per 1000 connections after it.  With
-``--idle M``: then M connections held open (KiB per connection) and closed again.
+``--idle M``: then M connections held open (KiB per connection) and closed again (RSS right
+after, and once dbmtls's memory trimmer has run).
 
 Needs root (PostgreSQL and MariaDB run as their own users via setpriv) and the servers of
 ``scripts/setup.sh``.  Everything generated lives in one temp dir, removed at the end
@@ -43,6 +44,9 @@ from support.certs import PKI, make_pki  # noqa: E402
 
 PROTOCOLS = {"redis": "redis", "pg": "postgres", "mysql": "mysql"}
 DEFAULT_N = {"redis": 20000, "pg": 5000, "mysql": 5000}
+# How long after closing the idle connections RSS is read again: dbmtls returns freed memory to
+# the kernel on a timer (dbmtls.memtrim.CHECK_INTERVAL).
+IDLE_LATER = 8.0
 
 
 @contextmanager
@@ -129,10 +133,11 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path, pki: PKI) -> Non
             flush=True,
         )
         if args.idle:
-            idle = churn.idle(target, args.idle, pid)
+            idle = churn.idle(target, args.idle, pid, later=IDLE_LATER)
             print(
                 f"{name}: {args.idle} idle connections: rss {_mb(idle.before_kib)} -> {_mb(idle.open_kib)} "
-                f"= {idle.kib_per_connection:.1f} KiB each; {_mb(idle.after_kib)} after closing them",
+                f"= {idle.kib_per_connection:.1f} KiB each; {_mb(idle.after_kib)} after closing them, "
+                f"{_mb(idle.later_kib)} {IDLE_LATER:g} s later",
                 flush=True,
             )
 

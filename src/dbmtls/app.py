@@ -16,6 +16,7 @@ import uvloop
 from dbmtls.admin.server import AdminServer
 from dbmtls.config.model import Config
 from dbmtls.logs import LOG
+from dbmtls.memtrim import Trimmer, libc_malloc_trim
 from dbmtls.proxy.runtime import DatabaseRuntime
 from dbmtls.proxy.server import Proxy
 from dbmtls.tls.reload import ReloadCounts, Reloader
@@ -33,6 +34,7 @@ class App:
             {name: rt.tls for name, rt in self.proxy.runtimes.items()},
             expiry_warning=config.certificateExpiryWarning,
         )
+        self.trimmer = Trimmer(self._connection_counts, trim=libc_malloc_trim())
         self._shutdown: asyncio.Task[None] | None = None
 
     # --- dbmtls.admin.control.Control ------------------------------------------------
@@ -72,6 +74,11 @@ class App:
         # cancel the reload itself, which the reloader keeps as a task of its own.
         return await asyncio.shield(self.reloader.request(why))
 
+    def _connection_counts(self) -> tuple[int, int]:
+        """(open now, closed so far) over every database, for the memory trimmer."""
+        runtimes = self.proxy.runtimes.values()
+        return sum(len(rt.active) for rt in runtimes), sum(rt.stats.closed for rt in runtimes)
+
     # --- running ---------------------------------------------------------------------
 
     async def _drain(self) -> None:
@@ -91,14 +98,16 @@ class App:
         return 0
 
     async def _start_extras(self) -> None:
-        """Certificate reloader and admin server, started once the listeners are bound."""
+        """Certificate reloader, memory trimmer and admin server, started once the listeners are bound."""
         await self.reloader.start()
+        await self.trimmer.start()
         if self.admin_listen != "off":
             self.admin = AdminServer(self, self.admin_listen, allow_remote=self.config.admin.allowRemote)
             await self.admin.start()
 
     async def _stop_extras(self) -> None:
         await self.reloader.stop()
+        await self.trimmer.stop()
         if self.admin is not None:
             await self.admin.stop()
 

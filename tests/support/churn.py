@@ -237,7 +237,8 @@ def settle(pid: int, *, seconds: float = 1.0, tree: bool = False) -> int:
 class Idle:
     before_kib: int  # RSS before opening
     open_kib: int  # RSS with all of them open
-    after_kib: int  # RSS after closing them all
+    after_kib: int  # RSS right after closing them all (and the proxy closed its sides)
+    later_kib: int  # RSS ``later`` seconds after that (dbmtls gives freed memory back on a timer)
     count: int
 
     @property
@@ -245,7 +246,9 @@ class Idle:
         return (self.open_kib - self.before_kib) / self.count
 
 
-def idle(target: Target, count: int, pid: int, *, tree: bool = False, settle_seconds: float = 1.0) -> Idle:
+def idle(
+    target: Target, count: int, pid: int, *, tree: bool = False, settle_seconds: float = 1.0, later: float = 0.0
+) -> Idle:
     """Open ``count`` connections (each ran one request), hold them, then close them."""
     before = settle(pid, seconds=settle_seconds, tree=tree)
     conns: list[Closable] = []
@@ -257,7 +260,7 @@ def idle(target: Target, count: int, pid: int, *, tree: bool = False, settle_sec
         for c in conns:
             c.close()
     after = settle(pid, seconds=settle_seconds * 2, tree=tree)
-    return Idle(before, opened, after, count)
+    return Idle(before, opened, after, settle(pid, seconds=later, tree=tree), count)
 
 
 # --- servers set up for churn ---------------------------------------------------------------------
