@@ -10,9 +10,10 @@ warm-up by a few MiB at most.
 What this guards against: every finished connection used to be a reference cycle
 (Relay <-> its halves, Relay -> the session's closure -> Conn -> Relay).  Redis connections,
 which dbmtls keeps open for a second after the app's EOF (the relay's half-close linger),
-outlived the young garbage collections and were freed only by the rare full ones, so hundreds of dead connections, each with uvloop's 256 KiB TLS
-read buffer and OpenSSL's state, piled up and fragmented the heap: +18 MB per 1,000
-connections, 470 MB after 20,000 (``bench/churn.py``).  PostgreSQL and MariaDB close
+outlived the young garbage collections and were freed only by the rare full ones, so
+hundreds of dead connections, each with uvloop's 256 KiB TLS read buffer and OpenSSL's
+state, piled up and fragmented the heap: +18 MB per 1,000 connections, 470 MB after
+20,000 (``bench/churn.py``).  PostgreSQL and MariaDB close
 both sides at once, so theirs died young and did not grow; they are here so that a leak
 on their paths (the BackendKeyData map, the MySQL readers) cannot come back unseen.
 """
