@@ -12,10 +12,10 @@ inside the heap as well; it takes milliseconds (about 3 ms for a 100 MB heap dur
 churn, 60 ms right after 4,000 connections closed at once).
 
 A timer reads the connection counters every ``CHECK_INTERVAL`` seconds and trims when
-enough memory was freed since the last trim: ``AFTER_CLOSED`` connections closed, or the
-connections open now are at most half of the most it saw open, ``MIN_DROP`` or more fewer
-(a mass close).  While no connection closes, nothing happens.  Without glibc (musl, macOS)
-there is no ``malloc_trim`` and the timer does not start.
+enough memory was freed since the last trim: ``AFTER_CLOSED`` connections closed (churn), or
+``MIN_CLOSED`` closed and no more than that are still open (most of what was open is gone).
+While no connection closes, nothing happens.  Without glibc (musl, macOS) there is no
+``malloc_trim`` and the timer does not start.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dbmtls.logs import LOG
 
 CHECK_INTERVAL = 5.0
 AFTER_CLOSED = 500
-MIN_DROP = 100
+MIN_CLOSED = 100
 
 # (connections open now, connections closed so far): the proxy's own counters
 Counts = Callable[[], tuple[int, int]]
@@ -70,32 +70,30 @@ class Trimmer:
         trim: Callable[[int], int] | None = None,
         interval: float = CHECK_INTERVAL,
         after_closed: int = AFTER_CLOSED,
-        min_drop: int = MIN_DROP,
+        min_closed: int = MIN_CLOSED,
     ) -> None:
         self._counts = counts
         self._trim = trim
         self.interval = interval
         self.after_closed = after_closed
-        self.min_drop = min_drop
+        self.min_closed = min_closed
         self.trims = 0
         self._closed_at_trim = 0
-        self._peak = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     def check(self) -> bool:
         """Look at the counters once; trim if enough was freed since the last trim.  True if it trimmed."""
         open_now, closed = self._counts()
-        self._peak = max(self._peak, open_now)
         freed = closed - self._closed_at_trim
-        mass_close = self._peak - open_now >= self.min_drop and open_now * 2 <= self._peak
-        if self._trim is None or freed <= 0 or (freed < self.after_closed and not mass_close):
+        mostly_closed = freed >= self.min_closed and open_now <= freed
+        if self._trim is None or freed <= 0 or (freed < self.after_closed and not mostly_closed):
             return False
         before, started = _rss_kib(), time.perf_counter()
         self._trim(0)
         took, after = time.perf_counter() - started, _rss_kib()
         self.trims += 1
-        self._closed_at_trim, self._peak = closed, open_now
+        self._closed_at_trim = closed
         if before is not None and after is not None:
             LOG.debug(
                 "memory trimmed",

@@ -29,7 +29,7 @@ class Counters:
 
 
 def trimmer(c: Counters) -> Trimmer:
-    return Trimmer(c, trim=c.trim, after_closed=500, min_drop=100)
+    return Trimmer(c, trim=c.trim, after_closed=500, min_closed=100)
 
 
 def test_nothing_closed_nothing_trimmed() -> None:
@@ -43,7 +43,7 @@ def test_nothing_closed_nothing_trimmed() -> None:
 def test_churn_trims_every_after_closed_connections() -> None:
     c = Counters()
     t = trimmer(c)
-    c.open = 40
+    c.open = 3000  # many stay open (a few closing among them)
     c.churn(499)
     assert not t.check()
     c.churn(1)
@@ -65,16 +65,21 @@ def test_a_mass_close_trims_at_once() -> None:
     assert not t.check()  # nothing closed since
 
 
-def test_a_small_drop_waits_for_more_closes() -> None:
+def test_connections_that_closed_before_the_timer_saw_them_count_too() -> None:
     c = Counters()
     t = trimmer(c)
-    c.open = 60
+    c.open, c.closed = 0, 200  # opened and closed between two checks
+    assert t.check()
+
+
+def test_a_few_closes_wait_for_more() -> None:
+    c = Counters()
+    t = trimmer(c)
+    c.open, c.closed = 0, 60  # fewer than min_closed: not worth a trim yet
     assert not t.check()
-    c.open, c.closed = 0, 60  # fewer than min_drop: not worth a trim yet
+    c.open, c.closed = 300, 250  # more still open than closed since the last trim
     assert not t.check()
-    c.open = 300
-    assert not t.check()
-    c.open, c.closed = 140, 220  # 160 fewer than the peak, and under half of it
+    c.open, c.closed = 150, 260
     assert t.check()
 
 
