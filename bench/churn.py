@@ -3,6 +3,7 @@
     .venv/bin/python bench/churn.py                                   # redis,pg,mysql: 20000/5000/5000
     .venv/bin/python bench/churn.py --protocol redis -n 51000 --every 3000
     .venv/bin/python bench/churn.py --protocol redis --idle 2000      # then KiB per idle connection
+    .venv/bin/python bench/churn.py --protocol redis -n 100 --idle 300 --value 1048576   # ... after a 1 MiB GET
     .venv/bin/python bench/churn.py --concurrency 4                   # 4 clients at a time
 
 For each protocol: a real server (redis-server with ``tls-auth-clients yes``, PostgreSQL 15 with
@@ -22,6 +23,7 @@ unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -133,9 +135,14 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path, pki: PKI) -> Non
             flush=True,
         )
         if args.idle:
+            held = "idle connections"
+            if args.value and protocol == "redis":
+                churn.redis_set_value(proxy.port, args.value)
+                target = dataclasses.replace(target, value_size=args.value)
+                held = f"idle connections that each read a {args.value}-byte value"
             idle = churn.idle(target, args.idle, pid, later=IDLE_LATER)
             print(
-                f"{name}: {args.idle} idle connections: rss {_mb(idle.before_kib)} -> {_mb(idle.open_kib)} "
+                f"{name}: {args.idle} {held}: rss {_mb(idle.before_kib)} -> {_mb(idle.open_kib)} "
                 f"= {idle.kib_per_connection:.1f} KiB each; {_mb(idle.after_kib)} after closing them, "
                 f"{_mb(idle.later_kib)} {IDLE_LATER:g} s later",
                 flush=True,
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2000, help="connections before the growth is measured")
     p.add_argument("--concurrency", type=int, default=1, help="clients at a time")
     p.add_argument("--idle", type=int, default=0, help="afterwards, hold this many connections open")
+    p.add_argument("--value", type=int, default=0, help="Redis: each idle connection first GETs a value this large")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.protocol.split(",") if s.strip()]

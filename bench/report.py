@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from bench.suites import Sample
+from bench.suites import MEM_CHURN_CONCURRENCY, MEM_SETTLE, MemSample, Sample
 
+MEMORY_DATABASES = {"redis": "Redis", "pg": "PostgreSQL"}
 UNITS = {"redis": ("req/s", "req"), "pg": ("tps", "tx"), "mysql": ("queries/s", "queries")}
 # Relays that, like dbmtls, open one server connection per client connection; PgBouncer pools
 # server connections, so it is compared separately (it wins any new-connection-per-transaction load).
@@ -104,3 +105,31 @@ def raw_runs(samples: list[Sample]) -> str:
             f"{_fmt(s.cpu_per_100k, 2)} | {(s.error or '').replace('|', '/')} |"
         )
     return "\n".join(lines)
+
+
+def memory_tables(samples: list[MemSample]) -> str:
+    """One table per database: each proxy's memory with idle connections and after churn."""
+    out: list[str] = []
+    for database, title in MEMORY_DATABASES.items():
+        mine = [s for s in samples if s.database == database]
+        if not mine:
+            continue
+        first = mine[0]
+        head = (
+            f"| {title}: {first.idle:,} idle connections, then {first.churn:,} short ones "
+            f"({MEM_CHURN_CONCURRENCY} at a time); RSS of the process tree | "
+        )
+        lines = [head + " | ".join(s.target for s in mine) + " |", "|---" * (len(mine) + 1) + "|"]
+        rows: list[tuple[str, Callable[[MemSample], str]]] = [
+            ("RSS after one connection, MiB", lambda s: f"{s.start_kib / 1024:.1f}"),
+            ("**KiB per idle connection**", lambda s: f"**{s.kib_per_idle:.1f}**"),
+            (f"RSS with the {first.idle:,} open, MiB", lambda s: f"{s.idle_kib / 1024:.1f}"),
+            (f"RSS {MEM_SETTLE:g} s after closing them, MiB", lambda s: f"{s.closed_kib / 1024:.1f}"),
+            ("highest RSS during the churn, MiB", lambda s: f"{s.churn_peak_kib / 1024:.1f}"),
+            (f"**RSS {MEM_SETTLE:g} s after the churn, MiB**", lambda s: f"**{s.churned_kib / 1024:.1f}**"),
+        ]
+        for label, cell in rows:
+            lines.append(f"| {label} | " + " | ".join("n/a (error)" if s.error else cell(s) for s in mine) + " |")
+        out.append("\n".join(lines))
+        out += [f"- {s.target}: {s.error}" for s in mine if s.error]
+    return "\n\n".join(out)

@@ -1,7 +1,8 @@
 """Side-by-side benchmarks: dbmtls against stunnel, HAProxy, nginx and PgBouncer on this machine.
 
-    .venv/bin/python bench/run.py [--suite redis,pg,mysql] [--repeat N] [--metrics off|on|both]
+    .venv/bin/python bench/run.py [--suite redis,pg,mysql,memory] [--repeat N] [--metrics off|on|both]
                                   [--redis-n 100000,1000000,15000] [--duration 6] [--mysql-queries 40000]
+                                  [--mem-idle 2000,200] [--mem-churn 20000,2000]
                                   [--scale 0.1] [--only dbmtls,stunnel] [--out bench/results/<ts>.md] [--keep]
 
 Everything generated (PKI, configs, data directories, logs) lives in one temp
@@ -50,7 +51,7 @@ def _versions() -> list[str]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="redis,pg,mysql", help="comma-separated: redis, pg, mysql")
+    p.add_argument("--suite", default="redis,pg,mysql", help="comma-separated: redis, pg, mysql, memory")
     p.add_argument("--repeat", type=int, default=3, help="runs per (load, target); medians are reported")
     p.add_argument(
         "--metrics",
@@ -65,6 +66,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pg-scale", type=int, default=10, help="pgbench -i -s")
     p.add_argument("--mysql-queries", type=int, default=40000, help="mariadb-slap --number-of-queries (SELECT load)")
     p.add_argument("--mysql-connects", type=int, default=150, help="mariadb-slap --iterations (connection load)")
+    p.add_argument("--mem-idle", default="2000,200", help="memory suite: idle connections held (Redis, PostgreSQL)")
+    p.add_argument("--mem-churn", default="20000,2000", help="memory suite: short connections then (Redis, PostgreSQL)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply request counts and durations (0.1: quick check)")
     p.add_argument("--only", default="", help="comma-separated target names to run (e.g. dbmtls,stunnel)")
     p.add_argument("--out", default=None, help="Markdown output file (default bench/results/<timestamp>.md)")
@@ -92,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(n) != 3:
         print("--redis-n takes three numbers", file=sys.stderr)
         return 2
+    mem_idle = [max(10, int(int(x) * args.scale)) for x in args.mem_idle.split(",")]
+    mem_churn = [max(100, int(int(x) * args.scale)) for x in args.mem_churn.split(",")]
+    if len(mem_idle) != 2 or len(mem_churn) != 2:
+        print("--mem-idle and --mem-churn take two numbers (Redis, PostgreSQL)", file=sys.stderr)
+        return 2
     opts = Options(
         repeat=args.repeat,
         metrics=args.metrics,
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         pg_scale=args.pg_scale,
         mysql_queries=max(100, int(args.mysql_queries * args.scale)),
         mysql_connects=max(5, int(args.mysql_connects * args.scale)),
+        mem_idle=(mem_idle[0], mem_idle[1]),
+        mem_churn=(mem_churn[0], mem_churn[1]),
         log=lambda line: print(line, flush=True),
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -133,14 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         f"- options: suites={','.join(suites)} repeat={opts.repeat} metrics={opts.metrics} "
         f"redis -n={list(opts.redis_n)} "
         f"pgbench -T={opts.pg_duration}s scale={opts.pg_scale} mysql queries={opts.mysql_queries} "
-        f"connects={opts.mysql_connects}",
+        f"connects={opts.mysql_connects}"
+        + (f" memory idle={list(opts.mem_idle)} churn={list(opts.mem_churn)}" if "memory" in suites else ""),
         *(f"- {v}" for v in _versions()),
         "",
         "Medians over the repeats. Proxy CPU = user+system seconds of the proxy process(es) over the run, "
         "per 100,000 operations. Compare ratios within this run only (see bench/README.md).",
     ]
     for name in suites:
-        table = report.suite_table(name, opts.samples)
+        table = report.memory_tables(opts.mem_samples) if name == "memory" else report.suite_table(name, opts.samples)
         if table:
             parts += ["", f"## {name}", "", table]
             cmp = report.comparison(name, opts.samples)
@@ -148,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 parts += ["", *cmp]
     if failures:
         parts += ["", "## suites that failed", "", *(f"- {f}" for f in failures)]
-    parts += ["", "## every run", "", report.raw_runs(opts.samples), ""]
+    if opts.samples:
+        parts += ["", "## every run", "", report.raw_runs(opts.samples)]
+    parts.append("")
     text = "\n".join(parts)
     print()
     print(text)

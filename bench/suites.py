@@ -29,6 +29,7 @@ from bench import targets
 from bench.procstat import cpu_of
 from bench.servers import Redis
 
+from support import churn
 from support.certs import PKI
 
 
@@ -73,8 +74,11 @@ class Options:
     pg_scale: int = 10
     mysql_queries: int = 40_000
     mysql_connects: int = 150
+    mem_idle: tuple[int, int] = (2000, 200)  # memory suite: idle connections held (Redis, PostgreSQL)
+    mem_churn: tuple[int, int] = (20_000, 2000)  # memory suite: short connections after that
     log: Callable[[str], None] = print
     samples: list[Sample] = field(default_factory=list)
+    mem_samples: list[MemSample] = field(default_factory=list)
 
 
 class RunError(Exception):
@@ -405,8 +409,108 @@ def mysql_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         db.stop()
 
 
+# ---------------------------------------------------------------------------------------------- memory
+
+# How long after closing connections memory is read: dbmtls gives freed memory back to the kernel
+# on a timer (dbmtls.memtrim.CHECK_INTERVAL, 5 s); every proxy gets the same wait.
+MEM_SETTLE = 8.0
+MEM_CHURN_CONCURRENCY = 4
+
+
+@dataclass
+class MemSample:
+    """One proxy's memory (RSS of its process tree, KiB): idle connections, then churn."""
+
+    database: str  # redis | pg
+    target: str
+    start_kib: int = 0  # after one connection, nothing open
+    idle: int = 0  # connections held open (each ran one request)
+    idle_kib: int = 0  # with them open
+    closed_kib: int = 0  # MEM_SETTLE s after closing them
+    churn: int = 0  # short connections (connect, one request, close), after that
+    churn_peak_kib: int = 0  # the highest reading during the churn
+    churned_kib: int = 0  # MEM_SETTLE s after the churn
+    error: str | None = None
+
+    @property
+    def kib_per_idle(self) -> float:
+        return (self.idle_kib - self.start_kib) / self.idle if self.idle else 0.0
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def _memory_of(database: str, leg: Leg, target: churn.Target, idle: int, n: int, opts: Options) -> MemSample:
+    sample = MemSample(database, leg.name, idle=idle, churn=n)
+    assert leg.proxy is not None
+    pid = leg.proxy.pids[0]
+    try:
+        target.once()  # whatever a proxy builds on its first connection
+        held = churn.idle(target, idle, pid, tree=True, later=MEM_SETTLE)
+        sample.start_kib, sample.idle_kib, sample.closed_kib = held.before_kib, held.open_kib, held.later_kib
+        points = churn.churn(target, n, pid, concurrency=MEM_CHURN_CONCURRENCY, every=max(1, n // 20), tree=True)
+        sample.churn_peak_kib = max(p.rss_kib for p in points)
+        sample.churned_kib = churn.settle(pid, seconds=MEM_SETTLE, tree=True)
+    except Exception as exc:  # one proxy that fails must not lose the others' numbers
+        sample.error = _first_line(str(exc)) or type(exc).__name__
+    opts.log(
+        f"  [memory/{database}] {leg.name}: start {_mib(sample.start_kib)}, {idle} idle "
+        f"{sample.kib_per_idle:.1f} KiB each, closed {_mib(sample.closed_kib)}, {n} short connections: "
+        f"peak {_mib(sample.churn_peak_kib)}, after {_mib(sample.churned_kib)}"
+        + (f" ERROR {sample.error}" if sample.error else "")
+    )
+    return sample
+
+
+def memory_suite(workdir: Path, pki: PKI, opts: Options) -> None:
+    """Idle connections and churn, one proxy at a time: Redis (dbmtls, stunnel, HAProxy, nginx) and
+    PostgreSQL (dbmtls, PgBouncer).  Each proxy gets room for the idle connections (HAProxy maxconn,
+    nginx worker_connections, PgBouncer pool size)."""
+    (redis_idle, pg_idle), (redis_n, pg_n) = opts.mem_idle, opts.mem_churn
+    server = Redis(workdir, pki, maxclients=redis_idle * 2 + 1000)
+    up = targets.Upstream(server.tls_port, "redis")
+    proxies = [
+        targets.dbmtls(workdir, pki, up),
+        targets.stunnel(workdir, pki, up),
+        targets.haproxy(workdir, pki, up, maxconn=redis_idle * 2 + 1000),
+        targets.nginx(workdir, pki, up, worker_connections=redis_idle * 4 + 1000),
+    ]
+    legs = [Leg(p.name, [], p) for p in proxies if _wanted(opts, p.name)]
+    try:
+        server.start()
+        for leg in legs:  # one at a time: the others are not even running
+            with _started([leg], opts):
+                if leg.error is None and leg.proxy is not None:
+                    target = churn.Target("redis", leg.proxy.port)
+                    opts.mem_samples.append(_memory_of("redis", leg, target, redis_idle, redis_n, opts))
+    finally:
+        server.stop()
+
+    from support.pg_server import PostgresTLS
+
+    pg = PostgresTLS(pki.server, pki.ca_cert, hba=churn.PG_HBA, max_connections=pg_idle * 2 + 50)
+    try:
+        pg.start()
+        pg.create_user(churn.USER, database=churn.PG_DATABASE)
+        up = targets.Upstream(pg.port, "postgres")
+        proxies = [
+            targets.dbmtls(workdir, pki, up),
+            targets.pgbouncer(workdir, pki, up, db=churn.PG_DATABASE, user=churn.USER, pool_size=pg_idle + 10),
+        ]
+        legs = [Leg(p.name, [], p) for p in proxies if _wanted(opts, p.name)]
+        for leg in legs:
+            with _started([leg], opts):
+                if leg.error is None and leg.proxy is not None:
+                    target = churn.target_for("postgres", leg.proxy.port)
+                    opts.mem_samples.append(_memory_of("pg", leg, target, pg_idle, pg_n, opts))
+    finally:
+        pg.stop()
+
+
 SUITES: dict[str, Callable[[Path, PKI, Options], None]] = {
     "redis": redis_suite,
     "pg": pg_suite,
     "mysql": mysql_suite,
+    "memory": memory_suite,
 }

@@ -122,7 +122,7 @@ def stunnel(workdir: Path, pki: PKI, up: Upstream, *, protocol: str | None = Non
     return Proxy("stunnel", Service("stunnel", ["stunnel4", str(cfg)], d / "stdout.log", port=port))
 
 
-def haproxy(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
+def haproxy(workdir: Path, pki: PKI, up: Upstream, *, maxconn: int = 2000) -> Proxy:
     d = _dir(workdir, "haproxy")
     port = free_port()
     pem = d / "client.pem"  # HAProxy wants certificate and key in one file
@@ -132,9 +132,10 @@ def haproxy(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
     cfg.write_text(
         "global\n"
         "  nbthread 1\n"
-        "  maxconn 2000\n"
+        f"  maxconn {maxconn}\n"
         "defaults\n"
         "  mode tcp\n"
+        f"  maxconn {maxconn}\n"
         "  timeout connect 5s\n"
         "  timeout client 120s\n"
         "  timeout server 120s\n"
@@ -150,7 +151,7 @@ def haproxy(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
     return Proxy("HAProxy", Service("haproxy", cmd, d / "haproxy.log", port=port, stop_signal=signal.SIGTERM))
 
 
-def nginx(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
+def nginx(workdir: Path, pki: PKI, up: Upstream, *, worker_connections: int = 2048) -> Proxy:
     d = _dir(workdir, "nginx")
     port = free_port()
     cfg = d / "nginx.conf"
@@ -160,7 +161,7 @@ def nginx(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
         "worker_processes 1;\n"
         f"pid {d / 'nginx.pid'};\n"
         f"error_log {d / 'error.log'} warn;\n"
-        "events { worker_connections 2048; }\n"
+        f"events {{ worker_connections {worker_connections}; }}\n"
         "stream {\n"
         "  server {\n"
         f"    listen 127.0.0.1:{port};\n"
@@ -179,7 +180,7 @@ def nginx(workdir: Path, pki: PKI, up: Upstream) -> Proxy:
     return Proxy("nginx", Service("nginx", cmd, d / "stdout.log", port=port, stop_signal=signal.SIGQUIT))
 
 
-def pgbouncer(workdir: Path, pki: PKI, up: Upstream, *, db: str, user: str) -> Proxy:
+def pgbouncer(workdir: Path, pki: PKI, up: Upstream, *, db: str, user: str, pool_size: int = 20) -> Proxy:
     """Session pooling, server_tls_sslmode=verify-full, trust on the app side (it refuses to run as root)."""
     d = _dir(workdir, "pgbouncer")
     port = free_port()
@@ -201,8 +202,8 @@ def pgbouncer(workdir: Path, pki: PKI, up: Upstream, *, db: str, user: str) -> P
         "auth_type = trust\n"
         f"auth_file = {d / 'users.txt'}\n"
         "pool_mode = session\n"
-        "max_client_conn = 500\n"
-        "default_pool_size = 20\n"
+        f"max_client_conn = {max(500, pool_size * 2)}\n"
+        f"default_pool_size = {pool_size}\n"
         "server_tls_sslmode = verify-full\n"
         f"server_tls_ca_file = {ca}\n"
         f"server_tls_cert_file = {cert}\n"

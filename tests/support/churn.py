@@ -90,16 +90,42 @@ def _recv_until(sock: socket.socket, want: bytes) -> None:
             raise ConnectionError(f"error reply: {buf!r}")
 
 
-def redis_open(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A connection that has answered one PING (so the proxy's session is fully set up)."""
+VALUE_KEY = b"churn:value"
+
+
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> None:
+    while n > 0:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"closed with {n} bytes to go")
+        n -= len(chunk)
+
+
+def redis_open(port: int, host: str = "127.0.0.1", *, value_size: int = 0) -> socket.socket:
+    """A connection that has answered one PING (so the proxy's session is fully set up), and
+    then a GET of the ``value_size`` bytes stored by ``redis_set_value`` (when not 0)."""
     sock = socket.create_connection((host, port), timeout=10)
     try:
         sock.sendall(PING)
         _recv_until(sock, PONG)
+        if value_size:
+            sock.sendall(_resp(b"GET", VALUE_KEY))
+            _recv_exact(sock, len(b"$%d\r\n" % value_size) + value_size + 2)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def redis_set_value(port: int, size: int) -> None:
+    """Store ``size`` bytes under VALUE_KEY, through whatever listens on ``port``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(_resp(b"SET", VALUE_KEY, b"v" * size))
+        _recv_until(sock, b"+OK\r\n")
 
 
 @dataclass(frozen=True)
@@ -111,11 +137,12 @@ class Target:
     user: str = "jinsu"
     password: str = ""
     database: str = ""
+    value_size: int = 0  # Redis: then GET a value of this size (see redis_set_value)
 
     def open(self) -> Closable:
         """A connection that has run one request (PING / SELECT 1)."""
         if self.protocol == "redis":
-            return redis_open(self.port)
+            return redis_open(self.port, value_size=self.value_size)
         if self.protocol == "postgres":
             import psycopg
 
