@@ -44,15 +44,18 @@ pytestmark = pytest.mark.e2e
 # EOF (about a second's worth of connections, ~700 here) reaches its level, and RSS with it.
 COUNTS = {"redis": (20_000, 5_000), "postgres": (5_000, 1_000), "mysql": (5_000, 1_000)}
 CONCURRENCY = 8
-# RSS is read every this many connections, under load; the test compares the highest reading
-# after the warm-up with the highest during it (dbmtls trims freed memory on a timer, so single
-# readings dip; the highest ones are the level the process holds).
+# RSS is read every this many connections, under load.  The test compares where RSS ends up (the
+# median of the readings in the last quarter of the run) with the highest reading during the
+# warm-up: a leak keeps growing to the end, while a busy machine makes passing spikes (more
+# relays lingering at once when the clients briefly run faster) that the trimmer gives back.
 SAMPLE_EVERY = 250
-# Growth allowed after the warm-up, in MiB.  Measured with the fix (2 cores): Redis +1.4 and
-# +2.0 MiB (plateau ~100 MiB; glibc's heap still settles a little as the peak of lingering
-# relays rises), PostgreSQL +0.3 to +0.6, MariaDB +0.0.  Without it Redis grew by +212 MiB
-# here (229 -> 441 MiB), and a leak of 1 KiB per connection would add 15 MiB.
-BOUND_MIB = {"redis": 8.0, "postgres": 4.0, "mysql": 4.0}
+# Growth allowed after the warm-up, in MiB.  Measured with the fix (2 cores): PostgreSQL -0.2
+# to +0.6, MariaDB +0.0.  Redis ends 1.4 to 8.7 MiB above its warm-up peak: its level follows
+# how many relays linger in their one-second half-close at once, i.e. how fast the clients
+# run, which drifts with the machine's load during a run (the highest level seen was ~105 MiB).
+# Without the fix Redis grew by +212 MiB here (229 -> 441 MiB) and never levelled off; 24 MiB
+# over the last 15,000 connections still catches a leak of about 1.6 KiB per connection.
+BOUND_MIB = {"redis": 24.0, "postgres": 4.0, "mysql": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +101,13 @@ def test_rss_levels_off_under_connection_churn(
         took = time.monotonic() - started
         log = proxy.log()[log_start:]
     warm = max(p.rss_kib for p in points if p.done <= warmup)
-    later = max(p.rss_kib for p in points if p.done > warmup)
+    last_quarter = sorted(p.rss_kib for p in points if p.done > total * 3 // 4)
+    later = last_quarter[len(last_quarter) // 2]
     grown = (later - warm) / 1024
     trail = ", ".join(f"{p.rss_kib / 1024:.0f}" for p in points[:: max(1, len(points) // 16)])
     summary = (
         f"{protocol}: {total} connections in {took:.0f}s; highest RSS {warm / 1024:.1f} MiB in the first "
-        f"{warmup}, {later / 1024:.1f} MiB after ({grown:+.1f} MiB; MiB along the way: {trail})"
+        f"{warmup}, {later / 1024:.1f} MiB at the end ({grown:+.1f} MiB; MiB along the way: {trail})"
     )
     print(summary)
     assert "connection failed" not in log and "Traceback" not in log, log[-3000:]
