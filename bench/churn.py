@@ -52,12 +52,12 @@ IDLE_LATER = 8.0
 
 
 @contextmanager
-def server(protocol: str, workdir: Path, pki: PKI) -> Iterator[int]:
-    """The database server for ``protocol``, set up for churn; yields its TLS port."""
+def server(protocol: str, workdir: Path, pki: PKI, *, connections: int = 0) -> Iterator[int]:
+    """The database server for ``protocol``, set up for churn and ``connections`` open at once; yields its TLS port."""
     if protocol == "redis":
         from support.redis_server import RedisTLS
 
-        redis = RedisTLS(workdir / "redis", pki.server, pki.ca_cert, maxclients=10000).start()
+        redis = RedisTLS(workdir / "redis", pki.server, pki.ca_cert, maxclients=max(10000, connections + 2000)).start()
         try:
             yield redis.port
         finally:
@@ -65,7 +65,7 @@ def server(protocol: str, workdir: Path, pki: PKI) -> Iterator[int]:
     elif protocol == "postgres":
         from support.pg_server import PostgresTLS
 
-        pg = PostgresTLS(pki.server, pki.ca_cert, hba=churn.PG_HBA, max_connections=400)
+        pg = PostgresTLS(pki.server, pki.ca_cert, hba=churn.PG_HBA, max_connections=max(400, connections + 100))
         try:
             pg.start()
             pg.create_user(churn.USER, database=churn.PG_DATABASE)
@@ -75,7 +75,7 @@ def server(protocol: str, workdir: Path, pki: PKI) -> Iterator[int]:
     elif protocol == "mysql":
         from support.mariadb_server import MariaDB
 
-        db = MariaDB(pki.server, pki.ca_cert)
+        db = MariaDB(pki.server, pki.ca_cert, max_connections=max(300, connections + 100))
         try:
             db.start()
             db.sql(churn.MYSQL_SETUP)
@@ -109,7 +109,10 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path, pki: PKI) -> Non
     protocol = PROTOCOLS[name]
     n = args.n if args.n is not None else DEFAULT_N[name]
     every = args.every or max(1, n // 20)
-    with server(protocol, workdir, pki) as server_port, dbmtls(protocol, server_port, workdir, pki) as proxy:
+    with (
+        server(protocol, workdir, pki, connections=args.idle) as server_port,
+        dbmtls(protocol, server_port, workdir, pki) as proxy,
+    ):
         pid = proxy.pid
         target = churn.target_for(protocol, proxy.port)
         target.once()  # the first connection pays for imports and lazily built state

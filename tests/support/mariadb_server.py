@@ -25,7 +25,14 @@ from support.net import free_port, wait_port
 
 
 class MariaDB:
-    def __init__(self, server: Pair | None, ca_cert: str | None, *, require_secure_transport: bool = True) -> None:
+    def __init__(
+        self,
+        server: Pair | None,
+        ca_cert: str | None,
+        *,
+        require_secure_transport: bool = True,
+        max_connections: int = 300,
+    ) -> None:
         """``server=None``: TLS off (the server does not offer CLIENT_SSL)."""
         for tool in ("mariadbd", "mariadb-install-db", "mariadb"):
             if shutil.which(tool) is None:
@@ -76,7 +83,7 @@ class MariaDB:
             f"--log-error={self.log_path}",
             "--skip-log-bin",
             "--skip-name-resolve",
-            "--max-connections=300",
+            f"--max-connections={max_connections}",
             "--max-allowed-packet=256M",
             "--innodb-flush-log-at-trx-commit=0",
             *tls_args,
