@@ -30,17 +30,7 @@ async def run_relay(
     """
     dialer = conn.rt.dialer
     if up.closed or conn.app.closed:
-        # A side went away while the handshake finished (e.g. a TLS 1.3 server rejecting our
-        # certificate while we waited for the app).  Its connection_lost was delivered to the
-        # Endpoint already, so a relay would wait for it forever: settle it here.
-        to_app = upstream_pending + up.take()
-        if watch_upstream is not None:
-            watch_upstream(to_app)  # what the server said is seen, even when it said it and left
-        up.close()
-        if up.closed and not conn.app.closed and not to_app:
-            raise dialer.failure(conn, up.error or ClosedBeforeAnswer("the server closed the connection"))
-        conn.app.write(to_app)
-        conn.app.close()
+        _settle(conn, up, upstream_pending, watch_upstream)
         return
 
     late: list[DbmtlsError] = []
@@ -69,6 +59,25 @@ async def run_relay(
     if conn.app.eof_seen:
         relay.app_eof_before_start()
     await relay.done
+    _outcome(conn, relay, late)
+
+
+def _settle(conn: Conn, up: Endpoint, upstream_pending: bytes, watch_upstream: Callable[[bytes], bool] | None) -> None:
+    """A side went away while the handshake finished (e.g. a TLS 1.3 server rejecting our
+    certificate while we waited for the app).  Its connection_lost was delivered to the
+    Endpoint already, so a relay would wait for it forever: settle it here."""
+    to_app = upstream_pending + up.take()
+    if watch_upstream is not None:
+        watch_upstream(to_app)  # what the server said is seen, even when it said it and left
+    up.close()
+    if up.closed and not conn.app.closed and not to_app:
+        raise conn.rt.dialer.failure(conn, up.error or ClosedBeforeAnswer("the server closed the connection"))
+    conn.app.write(to_app)
+    conn.app.close()
+
+
+def _outcome(conn: Conn, relay: Relay, late: list[DbmtlsError]) -> None:
+    """What the finished relay says about the connection: a note, or the failure to raise."""
     if relay.idled:
         conn.note = f"idle timeout ({conn.rt.db.idleTimeout:g}s without a byte either way)"
     if late:
