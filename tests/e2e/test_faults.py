@@ -23,23 +23,13 @@ from pathlib import Path
 import pytest
 
 from support.certs import PKI
-from support.net import free_port
+from support.net import free_port, recv_line
 from support.proc import Dbmtls, tls_block
 from support.redis_server import RedisTLS
 
 pytestmark = pytest.mark.e2e
 
 PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-def recv_line(sock: socket.socket) -> bytes:
-    buf = bytearray()
-    while not buf.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise AssertionError(f"connection closed after {bytes(buf)!r}")
-        buf += chunk
-    return bytes(buf)
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

@@ -27,7 +27,7 @@ import redis.asyncio
 
 from dbmtls.pki import issue
 from support.certs import PKI, Pair
-from support.net import free_port
+from support.net import free_port, recv_line
 from support.proc import Dbmtls, tls_block
 from support.redis_server import RedisTLS
 from support.seed import SEED_DR
@@ -58,16 +58,6 @@ MiB = 1 << 20
 
 def resp(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-def recv_line(sock: socket.socket) -> bytes:
-    buf = bytearray()
-    while not buf.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise AssertionError(f"connection closed after {bytes(buf)!r}")
-        buf += chunk
-    return bytes(buf)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

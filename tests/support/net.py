@@ -22,3 +22,14 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    """One CRLF-terminated line (a RESP reply), read byte by byte so nothing after it is taken."""
+    buf = bytearray()
+    while not buf.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError(f"connection closed after {bytes(buf)!r}")
+        buf += chunk
+    return bytes(buf)
