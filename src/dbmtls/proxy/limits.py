@@ -19,6 +19,7 @@ its healthy connections too.  So:
 
 from __future__ import annotations
 
+import enum
 import resource
 import time
 
@@ -42,6 +43,12 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, soft
 
 
+class Verdict(enum.Enum):
+    RELAY = enum.auto()
+    REFUSE = enum.auto()  # accepted to be told "too many connections" in its protocol
+    DROP = enum.auto()  # closed at once: not even a descriptor to answer it with
+
+
 class Admission:
     """Counts open connections against the limits; decides relay, refuse or drop."""
 
@@ -55,15 +62,15 @@ class Admission:
         self._last_drop_log = 0.0
         self.dropped = 0
 
-    def decide(self, per_database: int | None, database_active: int) -> str:
-        """``"relay"``, ``"refuse"`` (tell the app) or ``"drop"`` (no descriptor to spare)."""
+    def decide(self, per_database: int | None, database_active: int) -> Verdict:
+        """Relay it, refuse it (tell the app) or drop it (no descriptor to spare)."""
         if 2 * self.relayed + self.refusing + 1 > self.fd_budget:
-            return "drop"
+            return Verdict.DROP
         if self.relayed >= self.max_connections:
-            return "refuse"
+            return Verdict.REFUSE
         if per_database is not None and database_active >= per_database:
-            return "refuse"
-        return "relay"
+            return Verdict.REFUSE
+        return Verdict.RELAY
 
     def should_log_drop(self) -> bool:
         now = time.monotonic()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import socket
 import struct
 from collections.abc import Callable
@@ -32,6 +33,11 @@ from collections.abc import Callable
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 HALF_CLOSE_LINGER = 1.0
+
+
+class Side(enum.Enum):
+    APP = enum.auto()
+    UPSTREAM = enum.auto()
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -135,7 +141,7 @@ class Relay:
         # own business (an idle timeout) and is passed on as an EOF.
         self._reply_deadline = loop.time() + expect_reply_within if expect_reply_within is not None else None
         # Which side was lost with an error first ("app" / "upstream"), once one was.
-        self.failed_side: str | None = None
+        self.failed_side: Side | None = None
         self.idled = False
         self._idle_timeout = idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -242,7 +248,7 @@ class Relay:
         peer = half.peer
         if exc is not None and self.error is None and self._lost == 1:
             self.error = exc
-            self.failed_side = "app" if half is self.from_app else "upstream"
+            self.failed_side = Side.APP if half is self.from_app else Side.UPSTREAM
             if half is self.from_up and self.from_up.nbytes == 0 and self._early is not None:
                 # The server failed before its first byte: with TLS 1.3 a rejected client
                 # certificate shows up only now, as an alert.  Say so in the app's protocol.

@@ -21,7 +21,7 @@ from dbmtls.errors import ConfigError, DbmtlsError, Reason, TooManyConnections
 from dbmtls.logs import CONN_LOG, LOG
 from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
-from dbmtls.proxy.limits import Admission, raise_fd_limit
+from dbmtls.proxy.limits import Admission, Verdict, raise_fd_limit
 from dbmtls.proxy.notice import tell_app
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
 from dbmtls.proxy.upstream import Dialer
@@ -163,7 +163,7 @@ class Proxy:
             ep.abort()
             return
         verdict = self.admission.decide(rt.db.maxConnections, rt.relayed)
-        if verdict == "drop":
+        if verdict is Verdict.DROP:
             ep.abort()
             self.admission.dropped += 1
             rt.stats.handshake_failures[Reason.TOO_MANY_CONNECTIONS] += 1
@@ -174,7 +174,7 @@ class Proxy:
                 )
             return
         conn = Conn(rt, ep, _peer_name(ep))
-        if verdict == "refuse":
+        if verdict is Verdict.REFUSE:
             per_db = rt.db.maxConnections
             if per_db is not None and rt.relayed >= per_db:
                 why = f"{rt.relayed} open to this database (maxConnections {per_db})"

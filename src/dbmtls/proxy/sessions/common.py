@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from dbmtls.errors import DbmtlsError, UpstreamReset
 from dbmtls.proxy.endpoint import Endpoint
-from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay
+from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay, Side
 from dbmtls.proxy.runtime import Conn
 
 
@@ -83,11 +83,11 @@ def _outcome(conn: Conn, relay: Relay, late: list[DbmtlsError]) -> None:
     if late:
         conn.notice = None  # the relay told the app already, and closed its side
         raise late[0]
-    if relay.failed_side == "upstream":
+    if relay.failed_side is Side.UPSTREAM:
         conn.notice = None  # mid-stream: the app got the reset, there is no way to say more
         raise UpstreamReset(
             f"the server's connection was lost after {relay.bytes_from_upstream} bytes "
             f"({type(relay.error).__name__}: {relay.error}); the app's connection was reset"
         )
-    if relay.failed_side == "app":
+    if relay.failed_side is Side.APP:
         conn.note = "the app reset the connection; passed on as a reset"
