@@ -232,8 +232,12 @@ class AdminConfig(_Model):
     # Without it the admin server also answers only requests whose Host is a loopback name,
     # which is what keeps a DNS-rebinding web page from reading /config and /metrics.
     allowRemote: bool = False  # noqa: N815
+    # A second, read-only server (GET /healthz, /readyz, /metrics only), which may listen on a
+    # non-loopback address: what kubelet probes and Prometheus need on a pod IP, without
+    # exposing /quitquitquit and /loglevel there.  "off": none.
+    publicListen: str = "off"  # noqa: N815
 
-    @field_validator("listen")
+    @field_validator("listen", "publicListen")
     @classmethod
     def _listen(cls, v: str) -> str:
         if v != "off":
