@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 import click
 
@@ -25,7 +26,8 @@ def _load(configs: tuple[str, ...]) -> Config:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="dbmtls", message="%(prog)s %(version)s")
 def main() -> None:
     """dbmtls: the app talks plaintext to localhost, dbmtls talks verified mutual TLS to the database."""
 
@@ -134,6 +136,73 @@ def wait(admin: str, timeout: str) -> None:
             click.echo(f"dbmtls: not ready after {timeout}: {last}", err=True)
             sys.exit(1)
         time.sleep(0.2)
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--filename",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.File("r", encoding="utf-8"),
+    help="Kubernetes YAML to inject (multi-document; '-' for stdin; repeatable). DestinationRules in it "
+    "configure the sidecars and are printed unchanged.",
+)
+@click.option(
+    "--mesh",
+    "mesh_files",
+    multiple=True,
+    type=click.File("r", encoding="utf-8"),
+    help="More DestinationRules to use, not printed (repeatable).",
+)
+@click.option("--image", default=None, help="Sidecar image (default: dbmtls:VERSION, or $DBMTLS_IMAGE).")
+@click.option(
+    "--native-sidecar/--no-native-sidecar",
+    default=True,
+    show_default=True,
+    help="Native sidecar (initContainer, restartPolicy Always; Kubernetes >= 1.29) or a plain container.",
+)
+@click.option("--namespace", "-n", default="default", show_default=True, help="Namespace of objects that name none.")
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+def inject(
+    files: tuple[TextIO, ...],
+    mesh_files: tuple[TextIO, ...],
+    image: str | None,
+    native_sidecar: bool,
+    namespace: str,
+    cluster_domain: str,
+) -> None:
+    """Add the dbmtls sidecar to workloads that opt in (like istioctl kube-inject)."""
+    import os
+
+    import yaml
+
+    from dbmtls.k8s.inject import InjectError, InjectOptions, inject_documents
+
+    def read(stream: TextIO) -> list[Any]:
+        try:
+            return [d for d in yaml.safe_load_all(stream) if d is not None]
+        except yaml.YAMLError as exc:
+            click.echo(f"dbmtls inject: {stream.name}: invalid YAML: {exc}", err=True)
+            sys.exit(2)
+
+    docs = [d for f in files for d in read(f)]
+    mesh = [d for f in mesh_files for d in read(f) if isinstance(d, dict) and d.get("kind") == "DestinationRule"]
+    options = InjectOptions(
+        image=image or os.environ.get("DBMTLS_IMAGE") or InjectOptions.image,
+        native_sidecar=native_sidecar,
+        cluster_domain=cluster_domain,
+        default_namespace=namespace,
+    )
+    try:
+        out = inject_documents(docs, mesh, options)
+    except InjectError as exc:
+        click.echo(f"dbmtls inject: {exc.message}", err=True)
+        sys.exit(1)
+    from dbmtls.k8s.yamlio import dump_all
+
+    click.echo(dump_all(out), nl=False)
 
 
 @main.group()
