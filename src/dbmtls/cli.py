@@ -86,6 +86,7 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"warning: {db.name}: {w}", err=True)
         if db.tls.insecureSkipVerify:
             click.echo(f"warning: {db.name}: insecureSkipVerify is on: the server is NOT verified", err=True)
+    dns_lines = _check_dns(config, problems)
     dump = config.model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(dump, indent=2))
@@ -97,11 +98,38 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
             host, port = db.upstream
             click.echo(f"# {db.name}: {db.spec.title} on {db.listen} -> {host}:{port}; {db.spec.upgrade}")
             click.echo(f"#   errors the app sees: {db.spec.errors}")
+        for line in dns_lines:
+            click.echo(f"# {line}")
         click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
     if problems:
         for p in problems:
             click.echo(f"dbmtls: error: {p}", err=True)
         sys.exit(1)
+
+
+def _check_dns(config: Config, problems: list[str]) -> list[str]:
+    """How names will be resolved; in dns.mode direct, resolve every server name now and add
+    the ones that fail to ``problems`` (a name that cannot be resolved fails every connection)."""
+    import asyncio
+
+    from dbmtls.proxy.resolver import is_ip_literal, make_resolver, resolve_all
+
+    resolver = make_resolver(config.dns)
+    if resolver is None:
+        return ["dns: mode system (getaddrinfo: /etc/hosts first, then the system's DNS)"]
+    lines = [f"dns: mode direct (DNS only, never /etc/hosts): {resolver.describe()}"]
+    hosts = {db.name: db.dial_target[0] for db in config.databases}
+    names = [h for h in hosts.values() if not is_ip_literal(h)]
+    results = asyncio.run(resolve_all(resolver, names)) if names else {}
+    for name, host in hosts.items():
+        result = results.get(host)
+        if result is None:
+            continue  # an IP address: nothing to resolve
+        if isinstance(result, tuple):
+            lines.append(f"  {name}: {host} -> {', '.join(result)}")
+        else:
+            problems.append(f"database {name!r}: {result.message} (hint: {result.hint})")
+    return lines
 
 
 @main.command()

@@ -23,7 +23,16 @@ from dbmtls.config.destinationrule import is_destination_rule, map_destination_r
 from dbmtls.config.model import Config, DatabaseConfig, FieldError
 from dbmtls.errors import ConfigError
 
-_TOP_LEVEL = {"databases", "admin", "log", "drainTimeout", "certificateExpiryWarning", "maxConnections", "overrides"}
+_TOP_LEVEL = {
+    "databases",
+    "admin",
+    "log",
+    "dns",
+    "drainTimeout",
+    "certificateExpiryWarning",
+    "maxConnections",
+    "overrides",
+}
 _OVERRIDE_FIELDS = {"listen", "address", "dial", "allowRemoteClients", "maxConnections", "idleTimeout"}
 
 
