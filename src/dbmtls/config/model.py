@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from dbmtls.config.credentials import DEFAULT_CREDENTIALS_DIR
 from dbmtls.protocols.registry import REGISTRY
 from dbmtls.protocols.spec import ProtocolSpec
 
@@ -341,6 +342,10 @@ class Config(_Model):
     # file descriptor limit allows (two descriptors each, some kept for the admin server).
     maxConnections: PositiveInt | None = None  # noqa: N815
     certificateExpiryWarning: Duration = 7 * 86400.0  # noqa: N815
+    # Where ``credentialName: S`` is read: the Secret S mounted at <credentialsDir>/S/
+    # (config/credentials.py).  The default is where the Kubernetes injector mounts it; on a
+    # laptop, point it at a directory holding the Secrets' files.
+    credentialsDir: str = Field(default=DEFAULT_CREDENTIALS_DIR, min_length=1)  # noqa: N815
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
