@@ -213,9 +213,10 @@ def test_non_mapping_documents(tmp_path: Path) -> None:
     assert info.value.path == "databases"
 
 
-def test_other_kubernetes_kinds_are_refused(tmp_path: Path) -> None:
-    p = write(tmp_path, "svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")
-    with pytest.raises(ConfigError, match="unsupported document kind 'Service'"):
+def test_inputs_without_a_database_are_an_error_that_says_why(tmp_path: Path) -> None:
+    """Other kinds are skipped with a note (tests/unit/test_mesh.py); only no database at all is an error."""
+    p = write(tmp_path, "svc.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    with pytest.raises(ConfigError, match=r"no database to relay: .*svc.yaml: ConfigMap x: not used by dbmtls"):
         load_config([p])
 
 
@@ -301,7 +302,11 @@ def test_override_of_unknown_database(tmp_path: Path) -> None:
 def test_override_of_other_fields_is_refused(tmp_path: Path) -> None:
     a = write(tmp_path, "a.yaml", yaml.safe_dump({"databases": [db()]}))
     o = write(tmp_path, "o.yaml", "overrides: {cache: {tls: {mode: DISABLE}}}\n")
-    allowed = "address, allowRemoteClients, dial, idleTimeout, listen, maxConnections"
+    with pytest.raises(ConfigError, match="may repoint only the certificate files") as info:
+        load_config([a, o])
+    assert info.value.path == "overrides.cache.tls"
+    o.write_text("overrides: {cache: {protocol: mysql}}\n")
+    allowed = "address, allowRemoteClients, dial, idleTimeout, listen, maxConnections, tls"
     with pytest.raises(ConfigError, match=f"may set only {allowed}"):
         load_config([a, o])
 
@@ -408,7 +413,7 @@ def test_port_level_settings_replace_not_merge(tmp_path: Path) -> None:
             "tls": {**MUTUAL, "sni": "outer.example"},
             "portLevelSettings": [
                 {"port": {"number": 6379}, "tls": {"mode": "SIMPLE", "caCertificates": "other-ca.crt"}},
-                {"port": {"number": 27017}},  # inherits the default TLS
+                {"port": {"number": 27017}, "connectionPool": {"tcp": {"maxConnections": 9}}},  # the rule's TLS
                 {"port": {"number": 5432}, "loadBalancer": {"simple": "ROUND_ROBIN"}},
             ],
         },
@@ -457,7 +462,7 @@ def test_protocol_from_annotation_or_host_word(
 ) -> None:
     policy: dict[str, Any] = {"tls": MUTUAL}
     if port is None:
-        policy["portLevelSettings"] = [{"port": {"number": 9000}}]
+        policy["portLevelSettings"] = [{"port": {"number": 9000}, "loadBalancer": {"simple": "RANDOM"}}]
     (d,) = load_dr(tmp_path, dr({"host": host, "trafficPolicy": policy}, annotations=annotations)).databases
     assert d.protocol == protocol
     assert d.upstream == (host, port or 9000)
@@ -466,7 +471,7 @@ def test_protocol_from_annotation_or_host_word(
 def test_protocol_from_well_known_port_beats_host_word(tmp_path: Path) -> None:
     spec = {
         "host": "foo-redis-master",
-        "trafficPolicy": {"tls": MUTUAL, "portLevelSettings": [{"port": {"number": 5432}}]},
+        "trafficPolicy": {"portLevelSettings": [{"port": {"number": 5432}, "tls": MUTUAL}]},
     }
     (d,) = load_dr(tmp_path, dr(spec)).databases
     assert d.protocol == "postgres"
@@ -489,13 +494,12 @@ def test_non_loopback_listen_annotation(tmp_path: Path) -> None:
     assert "is not loopback" in err.message
 
 
-def test_no_protocol_error_says_how_to_fix(tmp_path: Path) -> None:
+def test_no_port_error_says_how_to_fix(tmp_path: Path) -> None:
+    """Nothing names a port: the error names the field to add (a protocol alone is opaque TCP, test_mesh.py)."""
     err = dr_error(tmp_path, dr({"host": "db.example", "trafficPolicy": {"tls": MUTUAL}}))
-    assert err.path == "metadata.annotations"
-    assert "cannot tell the protocol of db.example" in err.message
-    assert (
-        "add the annotation dbmtls.io/protocol: <redis|mongodb|tcp|postgres|cockroachdb|mysql|mariadb>" in err.message
-    )
+    assert err.path == "spec.trafficPolicy.portLevelSettings"
+    assert "cannot tell which port of db.example to connect to: add portLevelSettings with a port.number" in err.message
+    assert "annotation dbmtls.io/protocol: <redis|mongodb|tcp|postgres|cockroachdb|mysql|mariadb>" in err.message
 
 
 def test_unknown_protocol_annotation(tmp_path: Path) -> None:
@@ -512,11 +516,11 @@ def test_istio_mutual_is_a_clear_error(tmp_path: Path) -> None:
     assert "use MUTUAL with clientCertificate, privateKey and caCertificates" in err.message
 
 
-def test_credential_name_is_a_clear_error(tmp_path: Path) -> None:
-    tls = {"mode": "MUTUAL", "credentialName": "jinsu-tls"}
+def test_credential_name_with_file_paths_is_an_error_as_in_istio(tmp_path: Path) -> None:
+    tls = {"mode": "MUTUAL", "credentialName": "jinsu-tls", "caCertificates": "/c/ca.crt"}
     err = dr_error(tmp_path, dr({"host": "foo-redis-master", "trafficPolicy": {"tls": tls}}))
-    assert err.path == "spec.trafficPolicy.tls.credentialName"
-    assert "mount the secret as a volume" in err.message
+    assert err.path == "spec.trafficPolicy.tls.caCertificates"
+    assert "credentialName gives the certificates: remove the file paths" in err.message
 
 
 @pytest.mark.parametrize(
@@ -529,7 +533,6 @@ def test_credential_name_is_a_clear_error(tmp_path: Path) -> None:
         ({"host": "foo-redis-master", "trafficPolicy": {"tsl": MUTUAL}}, "spec.trafficPolicy.tsl"),
         ({"hots": "foo-redis-master", "trafficPolicy": {"tls": MUTUAL}}, "spec.hots"),
         ({"host": "*.example.com", "trafficPolicy": {"tls": MUTUAL}}, "spec.host"),
-        ({"host": "foo-redis-master"}, "spec.trafficPolicy.tls"),
         (
             {
                 "host": "foo-redis-master",
@@ -546,9 +549,9 @@ def test_dr_errors_name_the_path(tmp_path: Path, spec: dict[str, Any], path: str
 
 def test_map_destination_rule_is_pure() -> None:
     doc = yaml.safe_load(SEED_DR)
-    ((raw, tls_path),) = map_destination_rule(doc, "seed.yaml")
-    assert tls_path == "spec.trafficPolicy.tls"
-    assert raw == {
+    (mapped,) = map_destination_rule(doc, "seed.yaml").databases
+    assert mapped.tls_path == "spec.trafficPolicy.tls"
+    assert mapped.raw == {
         "name": "db-mtls",
         "protocol": "redis",
         "listen": "127.0.0.1:6379",

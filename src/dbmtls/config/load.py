@@ -1,11 +1,20 @@
 """Loading: YAML files (several, each possibly multi-document) -> one validated Config.
 
-Each document is either a dbmtls config or an Istio DestinationRule.  Every
-document is validated on its own first, so that an error names its file and
-YAML path; then the databases are concatenated, top-level sections are taken
-from the last file that sets them, ``overrides`` are applied by database name,
-and the whole is validated once more for cross-file rules (unique names and
-listeners).
+A document is a dbmtls config, an Istio DestinationRule, or a document that tells a rule
+about its host: a ServiceEntry or a Kubernetes Service (``mesh.py``).  Documents of any other
+kind (VirtualService, Gateway, PeerAuthentication, ...) are skipped with a note, so that a
+file can be used as people keep them; a ``kind: List`` is read item by item.
+
+Two passes, because a rule may come before the Service that gives its ports, and
+``credentialsDir`` (for ``credentialName``) may be set in a later file: first every document
+is read, classified and, for a dbmtls config, its top-level sections validated; then, in input
+order, the databases are made and validated one by one, so that an error names its file and
+YAML path.  Then top-level sections are taken from the last file that sets them,
+``overrides`` are applied by database name, and the whole is validated once more for
+cross-file rules (unique names and listeners).
+
+Besides the Config, the loader records where each setting came from and what was ignored
+(``explain.py``), for ``dbmtls check``.
 """
 
 from __future__ import annotations
@@ -19,8 +28,17 @@ from typing import Any, TypeAlias
 import yaml
 from pydantic import ValidationError
 
-from dbmtls.config.destinationrule import is_destination_rule, map_destination_rule
-from dbmtls.config.model import Config, DatabaseConfig, FieldError
+from dbmtls.config import credentials
+from dbmtls.config.destinationrule import (
+    ANNOTATION_LISTEN,
+    CredentialResolver,
+    default_credentials,
+    is_destination_rule,
+    map_destination_rule,
+)
+from dbmtls.config.explain import DatabaseExplanation, Explanation, Note, Origin
+from dbmtls.config.mesh import ISTIO_API_VERSIONS, MeshIndex
+from dbmtls.config.model import Config, DatabaseConfig, FieldError, split_host_port
 from dbmtls.errors import ConfigError
 
 _TOP_LEVEL = {
@@ -32,8 +50,12 @@ _TOP_LEVEL = {
     "certificateExpiryWarning",
     "maxConnections",
     "overrides",
+    "credentialsDir",
 }
-_OVERRIDE_FIELDS = {"listen", "address", "dial", "allowRemoteClients", "maxConnections", "idleTimeout"}
+_OVERRIDE_FIELDS = {"listen", "address", "dial", "allowRemoteClients", "maxConnections", "idleTimeout", "tls"}
+# An override may repoint the certificate files of a database (one from a DestinationRule
+# whose paths are those of the pod, say), never weaken how the server is verified.
+_OVERRIDE_TLS_FIELDS = {"clientCertificate", "privateKey", "caCertificates"}
 
 
 def _loc(loc: Iterable[int | str]) -> str:
@@ -117,7 +139,9 @@ def _database_from_dict(raw: dict[str, Any], source: str, prefix: str, tls_path:
         if loc == ("listen",) or (isinstance(blamed, FieldError) and blamed.field == "listen"):
             # the listener of a DestinationRule comes from its annotation (or the port)
             raise ConfigError(
-                first["msg"].removeprefix("Value error, "), source=source, path="metadata.annotations.dbmtls.io/listen"
+                first["msg"].removeprefix("Value error, "),
+                source=source,
+                path=f"metadata.annotations.{ANNOTATION_LISTEN}",
             ) from None
         raise _from_validation(exc, source, "spec") from None
 
@@ -132,6 +156,7 @@ class _Entry:
     # databases must point at both, and they may come from different files.
     name_at: tuple[str, str]
     listen_at: tuple[str, str]
+    explanation: DatabaseExplanation
 
 
 @dataclass
@@ -139,15 +164,38 @@ class _Collected:
     entries: list[_Entry] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
     overrides: list[_Override] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A loaded config and the account of how it was made (``dbmtls check``)."""
+
+    config: Config
+    explanation: Explanation
 
 
 def load_config(paths: Sequence[str | Path]) -> Config:
     """Read, merge and validate ``paths`` in order; a ConfigError names the file and YAML path."""
+    return explain_config(paths).config
+
+
+def explain_config(paths: Sequence[str | Path]) -> Explained:
+    """``load_config``, and where each setting came from, what was ignored and what was skipped.
+
+    Inputs that yield no database at all are an error: each of their documents was skipped for
+    a reason, and the error lists them.
+    """
     if not paths:
         raise ConfigError("no configuration file given (use -c FILE)")
-    return config_from_documents(
-        (item for p in paths for item in _documents(Path(p))), ", ".join(str(p) for p in paths)
-    )
+    sources = ", ".join(str(p) for p in paths)
+    explained = explain_documents([item for p in paths for item in _documents(Path(p))], sources)
+    if not explained.config.databases:
+        notes = explained.explanation.notes
+        if not notes:
+            raise ConfigError("no database to relay: the inputs define no databases", source=sources)
+        raise ConfigError(f"no database to relay: {'; '.join(str(n) for n in notes)}")
+    return explained
 
 
 def config_from_documents(documents: Iterable[tuple[dict[str, Any], str]], sources: str) -> Config:
@@ -156,26 +204,69 @@ def config_from_documents(documents: Iterable[tuple[dict[str, Any], str]], sourc
     The Kubernetes injector calls this on the documents it generates, so that a pod is only
     ever given a configuration that ``dbmtls run`` will accept.
     """
+    return explain_documents(documents, sources).config
+
+
+_MESH_KINDS = ("ServiceEntry", "Service")
+
+
+def explain_documents(documents: Iterable[tuple[dict[str, Any], str]], sources: str) -> Explained:
+    """``config_from_documents`` with the explanation; zero databases is not an error here."""
     collected = _Collected()
-    for doc, src in documents:
-        if is_destination_rule(doc):
-            _collect_destination_rule(doc, src, collected)
+    mesh = MeshIndex()
+    ordered: list[tuple[str, dict[str, Any], str]] = []  # (what, document, source), in input order
+    for doc, src in _flatten(documents):
+        kind = doc.get("kind")
+        if kind is None and "apiVersion" not in doc:
+            _collect_sections(doc, src, collected)
+            ordered.append(("config", doc, src))
+        elif is_destination_rule(doc):
+            ordered.append(("rule", doc, src))
+        elif kind in _MESH_KINDS and (kind == "Service" or doc.get("apiVersion") in ISTIO_API_VERSIONS):
+            mesh.add(doc, src)
         else:
-            _collect_config(doc, src, collected)
+            collected.notes.append(Note(f"{_title(doc)}: not used by dbmtls, skipped", src))
+    credentials_dir = str(collected.sections.get("credentialsDir") or credentials.DEFAULT_CREDENTIALS_DIR)
+    resolve = default_credentials(credentials_dir)
+    for what, doc, src in ordered:
+        if what == "config":
+            _collect_databases(doc, src, collected, resolve)
+        else:
+            _collect_destination_rule(doc, src, collected, mesh, resolve)
+    collected.notes += mesh.unused_notes()
     _apply_overrides(collected, _index_by_name(collected.entries))
     _check_listeners(collected.entries)
     try:
-        return Config.model_validate({**collected.sections, "databases": [e.db for e in collected.entries]})
+        config = Config.model_validate({**collected.sections, "databases": [e.db for e in collected.entries]})
     except ValidationError as exc:
         raise _from_validation(exc, sources) from None
+    explanation = Explanation({e.db.name: e.explanation for e in collected.entries}, collected.notes)
+    return Explained(config, explanation)
+
+
+def _title(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    ns = meta.get("namespace") if isinstance(meta, dict) else None
+    kind = doc.get("kind") or f"a document of apiVersion {doc.get('apiVersion')} without a kind"
+    return f"{kind} {ns + '/' if ns else ''}{name or ''}".rstrip()
+
+
+def _flatten(documents: Iterable[tuple[dict[str, Any], str]]) -> Iterator[tuple[dict[str, Any], str]]:
+    """``kind: List`` (what ``kubectl get -o yaml`` prints) item by item."""
+    for doc, src in documents:
+        items = doc.get("items")
+        if doc.get("kind") == "List" and isinstance(items, list):
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise ConfigError("expected a mapping", source=src, path=f"items[{i}]")
+                yield from _flatten([(item, f"{src} items[{i}]")])
+        else:
+            yield doc, src
 
 
 def _documents(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """Each document of a file, with the source its errors name.
-
-    A generator, so that a document's errors are reported before the next
-    document is checked or the next file read.
-    """
+    """Each document of a file, with the source its errors name."""
     source = str(path)
     docs = _load_documents(path)
     if not docs:
@@ -187,34 +278,24 @@ def _documents(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
         yield doc, src
 
 
-def _collect_destination_rule(doc: dict[str, Any], src: str, collected: _Collected) -> None:
-    mapped = map_destination_rule(doc, src)
+def _collect_destination_rule(
+    doc: dict[str, Any], src: str, collected: _Collected, mesh: MeshIndex, resolve: CredentialResolver
+) -> None:
+    mapped = map_destination_rule(doc, src, mesh, resolve)
+    collected.notes += mapped.notes
     annotations = (doc.get("metadata") or {}).get("annotations") or {}
-    for raw, tls_path in mapped:
-        db = _database_from_dict(raw, src, "", tls_path)
-        from_annotation = annotations.get("dbmtls.io/listen") == raw["listen"]
-        listen_path = "metadata.annotations.dbmtls.io/listen" if from_annotation else "spec"
-        collected.entries.append(_Entry(db, (src, "metadata.name"), (src, listen_path)))
+    for m in mapped.databases:
+        db = _database_from_dict(m.raw, src, "", m.tls_path)
+        from_annotation = annotations.get(ANNOTATION_LISTEN) == m.raw["listen"]
+        listen_path = f"metadata.annotations.{ANNOTATION_LISTEN}" if from_annotation else "spec"
+        collected.entries.append(_Entry(db, (src, "metadata.name"), (src, listen_path), m.explanation))
 
 
-def _collect_config(doc: dict[str, Any], src: str, collected: _Collected) -> None:
-    if "kind" in doc or "apiVersion" in doc:
-        raise ConfigError(
-            f"unsupported document kind {doc.get('kind')!r}: expected a dbmtls config "
-            "or a networking.istio.io DestinationRule",
-            source=src,
-        )
+def _collect_sections(doc: dict[str, Any], src: str, collected: _Collected) -> None:
+    """A dbmtls config's top-level sections (everything but its databases), validated now."""
     unknown = set(doc) - _TOP_LEVEL
     if unknown:
         raise ConfigError("unknown field (check the spelling)", source=src, path=sorted(unknown)[0])
-    dbs = doc.get("databases") or []
-    if not isinstance(dbs, list):
-        raise ConfigError("must be a list", source=src, path="databases")
-    for i, raw in enumerate(dbs):
-        if not isinstance(raw, dict):
-            raise ConfigError("must be a mapping", source=src, path=f"databases[{i}]")
-        db = _database_from_dict(raw, src, f"databases[{i}]", None)
-        collected.entries.append(_Entry(db, (src, f"databases[{i}].name"), (src, f"databases[{i}].listen")))
     rest = {k: v for k, v in doc.items() if k not in ("databases", "overrides")}
     try:
         Config.model_validate(rest)
@@ -222,6 +303,77 @@ def _collect_config(doc: dict[str, Any], src: str, collected: _Collected) -> Non
         raise _from_validation(exc, src) from None
     collected.sections.update(rest)
     collected.overrides += _overrides(doc, src)
+
+
+def _collect_databases(doc: dict[str, Any], src: str, collected: _Collected, resolve: CredentialResolver) -> None:
+    dbs = doc.get("databases") or []
+    if not isinstance(dbs, list):
+        raise ConfigError("must be a list", source=src, path="databases")
+    for i, raw in enumerate(dbs):
+        prefix = f"databases[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError("must be a mapping", source=src, path=prefix)
+        exp = DatabaseExplanation()
+        raw = _with_credential(raw, src, prefix, resolve, exp)
+        db = _database_from_dict(raw, src, prefix, None)
+        _explain_native(db, raw, src, prefix, exp)
+        collected.entries.append(_Entry(db, (src, f"{prefix}.name"), (src, f"{prefix}.listen"), exp))
+
+
+def _with_credential(
+    raw: dict[str, Any], src: str, prefix: str, resolve: CredentialResolver, exp: DatabaseExplanation
+) -> dict[str, Any]:
+    """``tls.credentialName`` in a dbmtls config: the mounted Secret's files, as for a DestinationRule."""
+    tls = raw.get("tls")
+    if not isinstance(tls, dict) or "credentialName" not in tls:
+        return raw
+    path = f"{prefix}.tls"
+    for key in ("clientCertificate", "privateKey", "caCertificates"):
+        if key in tls:
+            raise ConfigError(
+                "credentialName gives the certificates: remove the file paths, or remove credentialName",
+                source=src,
+                path=f"{path}.{key}",
+            )
+    try:
+        name = credentials.secret_name(tls["credentialName"])
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=src, path=f"{path}.credentialName") from None
+    mode = tls.get("mode", "SIMPLE")
+    cred = resolve(name, mode == "MUTUAL", not tls.get("insecureSkipVerify"))
+    new_tls = {k: v for k, v in tls.items() if k != "credentialName"}
+    for key, file in cred.files.items():
+        new_tls[key] = file
+        how = f"credentialName {name}: {cred.layout or 'not mounted, expected'} {file.rsplit('/', 1)[-1]}"
+        exp.origins[f"tls.{key}"] = Origin(how, src, f"{path}.credentialName")
+    exp.notes += [Note(n, src, f"{path}.credentialName") for n in cred.notes]
+    exp.hints.append(
+        f"credentialName {name} is read from {cred.directory}/ ({cred.expected}): mount the Secret there, "
+        "or set credentialsDir to where the files are"
+    )
+    return {**raw, "tls": new_tls}
+
+
+def _explain_native(db: DatabaseConfig, raw: dict[str, Any], src: str, prefix: str, exp: DatabaseExplanation) -> None:
+    """Origins of a database written in a dbmtls config: what the file sets, else the defaults."""
+    for key in raw:
+        if key != "tls":
+            exp.origins.setdefault(key, Origin("dbmtls config", src, f"{prefix}.{key}"))
+    for key in raw.get("tls") or {}:
+        exp.origins.setdefault(f"tls.{key}", Origin("dbmtls config", src, f"{prefix}.tls.{key}"))
+    try:
+        split_host_port(db.address)
+        exp.origins["port"] = Origin("address", src, f"{prefix}.address")
+    except ValueError:
+        exp.origins["port"] = Origin(f"the default port of {db.protocol}")
+    defaults = {
+        "tls.mode": "SIMPLE (verify the server, no client certificate)",
+        "tls.caCertificates": "the system trust store (no caCertificates)",
+        "tls.sni": "the host of address",
+        "tls.subjectAltNames": "the SNI name is verified",
+    }
+    for key, why in defaults.items():
+        exp.origins.setdefault(key, Origin(f"default: {why}"))
 
 
 def _overrides(doc: dict[str, Any], src: str) -> list[_Override]:
@@ -235,6 +387,13 @@ def _overrides(doc: dict[str, Any], src: str) -> list[_Override]:
                 f"an override may set only {', '.join(sorted(_OVERRIDE_FIELDS))}",
                 source=src,
                 path=f"overrides.{name}",
+            )
+        tls = fields.get("tls")
+        if tls is not None and (not isinstance(tls, dict) or set(tls) - _OVERRIDE_TLS_FIELDS):
+            raise ConfigError(
+                f"an override may repoint only the certificate files: {', '.join(sorted(_OVERRIDE_TLS_FIELDS))}",
+                source=src,
+                path=f"overrides.{name}.tls",
             )
         out.append((src, str(name), fields))
     return out
@@ -265,7 +424,16 @@ def _apply_overrides(collected: _Collected, by_name: dict[str, int]) -> None:
             )
         entry = collected.entries[by_name[name]]
         merged = entry.db.model_dump(by_alias=True, exclude_unset=True)
-        merged.update(fields)
+        for key, value in fields.items():
+            if key == "tls":
+                merged["tls"] = {**merged.get("tls", {}), **value}
+                for tls_key in value:
+                    entry.explanation.origins[f"tls.{tls_key}"] = Origin(
+                        "override", src, f"overrides.{name}.tls.{tls_key}"
+                    )
+            else:
+                merged[key] = value
+                entry.explanation.origins[key] = Origin("override", src, f"overrides.{name}.{key}")
         entry.db = _database_from_dict(merged, src, f"overrides.{name}", None)
         if "listen" in fields:
             entry.listen_at = (src, f"overrides.{name}.listen")

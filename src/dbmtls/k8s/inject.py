@@ -323,10 +323,10 @@ def _generated_config(
     for rule in rules:
         rule_name = f"DestinationRule {rule.namespace}/{rule.doc.get('metadata', {}).get('name', '?')}"
         try:
-            mapped = map_destination_rule(rule.doc, rule_name)
+            mapped = [m.raw for m in map_destination_rule(rule.doc, rule_name).databases]
         except ConfigError as exc:
             raise InjectError(f"{where}: {exc.message}") from None
-        for db, _tls_path in mapped:
+        for db in mapped:
             _host, port = split_host_port(db["address"])
             listen = rule.doc.get("metadata", {}).get("annotations", {}).get("dbmtls.io/listen")
             if listen is None or len(mapped) > 1:
