@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
 
 from dbmtls import __version__
+from dbmtls.config.explain import DatabaseExplanation
 from dbmtls.config.load import load_config
-from dbmtls.config.model import Config
+from dbmtls.config.model import Config, DatabaseConfig
 from dbmtls.errors import ConfigError
 from dbmtls.logs import setup_logging
 
-CONFIG_HELP = "Config file: dbmtls YAML or an Istio DestinationRule (repeatable; merged in order)."
+CONFIG_HELP = (
+    "Config file: dbmtls YAML, Istio DestinationRules with the ServiceEntries/Services they name "
+    "(repeatable; merged in order)."
+)
 
 
 def _load(configs: tuple[str, ...]) -> Config:
@@ -69,45 +74,167 @@ def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_
 
 @main.command()
 @click.option("-c", "--config", "configs", multiple=True, required=True, help=CONFIG_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the effective configuration as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the effective configuration, where each setting came from and every error as JSON.",
+)
 def check(configs: tuple[str, ...], as_json: bool) -> None:
-    """Validate the configuration and the certificate files; print the effective configuration."""
-    from dbmtls.tls.material import ClientTLS
+    """Validate the configuration and the certificate files; print the effective configuration.
 
-    config = _load(configs)
-    problems = []
-    for db in config.databases:
-        try:
-            material = ClientTLS(db).build()
-        except ConfigError as exc:
-            problems.append(f"database {db.name!r}: {exc.message}")
-            continue
-        for w in material.warnings:
-            click.echo(f"warning: {db.name}: {w}", err=True)
-        if db.tls.insecureSkipVerify:
-            click.echo(f"warning: {db.name}: insecureSkipVerify is on: the server is NOT verified", err=True)
-    dns_lines = _check_dns(config, problems)
+    For each database it says where its protocol, port, listener and each TLS setting came from,
+    and which fields of the inputs it ignores.
+    """
+    from dbmtls.config.load import explain_config
+
+    try:
+        explained = explain_config(configs)
+    except ConfigError as exc:
+        if as_json:
+            error = {"kind": "config", "source": exc.source, "path": exc.path, "message": exc.message}
+            click.echo(json.dumps({"ok": False, "config": None, "databases": [], "notes": [], "errors": [error]}))
+        click.echo(f"dbmtls: config error: {exc.message}", err=True)
+        sys.exit(2)
+    config = explained.config
+    reports = [_check_database(db, explained.explanation.databases.get(db.name)) for db in config.databases]
+    dns_problems: list[dict[str, Any]] = []
+    dns_lines = _check_dns(config, dns_problems)
+    errors = [e for r in reports for e in r["errors"]] + dns_problems
+    notes = explained.explanation.notes
     dump = config.model_dump(mode="json")
     if as_json:
-        click.echo(json.dumps(dump, indent=2))
+        out = {
+            "ok": not errors,
+            "config": dump,
+            "databases": reports,
+            "notes": [n.as_json() for n in notes],
+            "dns": dns_lines,
+            "errors": errors,
+        }
+        click.echo(json.dumps(out, indent=2))
     else:
         import yaml
 
-        for db in config.databases:
-            # what the registry says this database will do, as YAML comments (the output stays YAML)
+        for db, report in zip(config.databases, reports, strict=True):
+            # what the registry says this database will do, and why: YAML comments (the output stays YAML)
             host, port = db.upstream
             click.echo(f"# {db.name}: {db.spec.title} on {db.listen} -> {host}:{port}; {db.spec.upgrade}")
             click.echo(f"#   errors the app sees: {db.spec.errors}")
+            for key, origin in report["provenance"].items():
+                click.echo(f"#   {key}: {_shown(report['values'].get(key))} <- {_origin_text(origin)}")
+            for note in report["notes"]:
+                click.echo(f"#   note: {_note_text(note)}")
+            for note in report["ignored"]:
+                click.echo(f"#   {_note_text(note)}")
+        for note in notes:
+            click.echo(f"# skipped: {note}")
         for line in dns_lines:
             click.echo(f"# {line}")
         click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
-    if problems:
-        for p in problems:
-            click.echo(f"dbmtls: error: {p}", err=True)
+    for report in reports:
+        for w in report["warnings"]:
+            click.echo(f"warning: {report['name']}: {w}", err=True)
+    if errors:
+        for e in errors:
+            click.echo(f"dbmtls: error: {e['text']}", err=True)
         sys.exit(1)
 
 
-def _check_dns(config: Config, problems: list[str]) -> list[str]:
+def _shown(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return "(none)" if value is None else str(value)
+
+
+def _origin_text(origin: dict[str, Any]) -> str:
+    where = ": ".join(str(p) for p in (origin.get("source"), origin.get("path")) if p)
+    return f"{origin['from']} ({where})" if where else str(origin["from"])
+
+
+def _note_text(note: dict[str, Any]) -> str:
+    where = ": ".join(str(p) for p in (note.get("source"), note.get("path")) if p)
+    return f"{where}: {note['message']}" if where else str(note["message"])
+
+
+# The settings ``check`` explains, as (name, how to read it from a database).
+_EXPLAINED: tuple[tuple[str, Callable[[DatabaseConfig], object]], ...] = (
+    ("name", lambda d: d.name),
+    ("protocol", lambda d: d.protocol),
+    ("address", lambda d: d.upstream[0]),
+    ("port", lambda d: d.upstream[1]),
+    ("listen", lambda d: d.listen),
+    ("dial", lambda d: d.dial),
+    *(
+        (f"tls.{key}", lambda d, key=key: getattr(d.tls, key))
+        for key in ("mode", "clientCertificate", "privateKey", "caCertificates")
+    ),
+    ("tls.sni", lambda d: d.server_name if d.tls.mode != "DISABLE" else None),
+    ("tls.subjectAltNames", lambda d: list(d.verify_names) if d.tls.mode != "DISABLE" else None),
+    *(
+        (f"tls.{key}", lambda d, key=key: getattr(d.tls, key))
+        for key in ("insecureSkipVerify", "minProtocolVersion", "maxProtocolVersion")
+    ),
+)
+
+
+def _check_database(db: DatabaseConfig, explanation: DatabaseExplanation | None) -> dict[str, Any]:
+    """One database for ``check``: its settings and their origins, and its certificate material loaded."""
+    from dbmtls.tls.material import ClientTLS
+
+    exp = explanation or DatabaseExplanation()
+    values = {key: get(db) for key, get in _EXPLAINED}
+    provenance = {key: exp.origins[key].as_json() for key, _ in _EXPLAINED if key in exp.origins}
+    report: dict[str, Any] = {
+        "name": db.name,
+        "values": values,
+        "provenance": provenance,
+        "ignored": [n.as_json() for n in exp.ignored],
+        "notes": [n.as_json() for n in exp.notes],
+        "warnings": [],
+        "errors": [],
+    }
+    try:
+        material = ClientTLS(db).build()
+    except ConfigError as exc:
+        field = _failed_field(db, exc)
+        origin = exp.origins.get(field) if field else None
+        text = f"database {db.name!r}: {exc.message}"
+        if origin is not None and origin.source:
+            text += f" (set at {origin.source}: {origin.path})" if origin.path else f" (from {origin.source})"
+        hints = exp.hints if origin is not None and origin.how.startswith("credentialName") else []
+        text += "".join(f"; {h}" for h in hints)
+        report["errors"].append(
+            {
+                "kind": "certificate",
+                "database": db.name,
+                "path": exc.path,
+                "field": field,
+                "message": exc.message,
+                "from": origin.as_json() if origin is not None else None,
+                "hints": hints,
+                "text": text,
+            }
+        )
+    else:
+        report["warnings"] += list(material.warnings)
+    if db.tls.insecureSkipVerify:
+        report["warnings"].append("insecureSkipVerify is on: the server is NOT verified")
+    return report
+
+
+def _failed_field(db: DatabaseConfig, exc: ConfigError) -> str | None:
+    """Which tls setting a certificate error is about: its path, or the setting naming the file."""
+    if exc.path and exc.path.startswith("tls.") and exc.path.count(".") == 1:
+        return exc.path
+    for key in ("clientCertificate", "privateKey", "caCertificates"):
+        value = getattr(db.tls, key)
+        if value and value in exc.message:
+            return f"tls.{key}"
+    return exc.path
+
+
+def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:
     """How names will be resolved; in dns.mode direct, resolve every server name now and add
     the ones that fail to ``problems`` (a name that cannot be resolved fails every connection)."""
     import asyncio
@@ -128,7 +255,14 @@ def _check_dns(config: Config, problems: list[str]) -> list[str]:
         if isinstance(result, tuple):
             lines.append(f"  {name}: {host} -> {', '.join(result)}")
         else:
-            problems.append(f"database {name!r}: {result.message} (hint: {result.hint})")
+            problems.append(
+                {
+                    "kind": "dns",
+                    "database": name,
+                    "message": f"{result.message} (hint: {result.hint})",
+                    "text": f"database {name!r}: {result.message} (hint: {result.hint})",
+                }
+            )
     return lines
 
 

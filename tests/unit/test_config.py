@@ -589,7 +589,10 @@ def test_check_json(tmp_path: Path, pki: PKI) -> None:
 
     result = CliRunner().invoke(main, ["check", "--json", "-c", str(write(tmp_path, "dr.yaml", seed_dr(pki)))])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["databases"][0]["tls"]["caCertificates"] == pki.ca_cert
+    out = json.loads(result.stdout)
+    assert out["ok"] is True and out["errors"] == []
+    assert out["config"]["databases"][0]["tls"]["caCertificates"] == pki.ca_cert
+    assert out["databases"][0]["provenance"]["tls.caCertificates"]["path"] == "spec.trafficPolicy.tls.caCertificates"
 
 
 def test_check_error_names_file_and_path(tmp_path: Path) -> None:
@@ -643,7 +646,9 @@ def test_check_bad_certificate_files(tmp_path: Path, pki: PKI) -> None:
     result = CliRunner().invoke(main, ["check", "-c", str(cfg)])
     assert result.exit_code == 1
     assert "database 'cache': tls.privateKey: private key" in result.stderr
-    assert result.stderr.count("tls.privateKey") == 1
+    # the message says it once, then where the setting is (the file and its YAML path)
+    assert f"(set at {cfg}: databases[0].tls.privateKey)" in result.stderr
+    assert result.stderr.count("tls.privateKey") == 2
     assert f"private key {other.key} does not match certificate {pki.client.cert}" in result.stderr
 
 
