@@ -92,7 +92,7 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
         explained = explain_config(configs)
     except ConfigError as exc:
         if as_json:
-            error = {"kind": "config", "source": exc.source, "path": exc.path, "message": exc.message}
+            error = {"kind": "config", "source": exc.source, "path": exc.path, "message": exc.detail}
             click.echo(json.dumps({"ok": False, "config": None, "databases": [], "notes": [], "errors": [error]}))
         click.echo(f"dbmtls: config error: {exc.message}", err=True)
         sys.exit(2)
@@ -210,7 +210,7 @@ def _check_database(db: DatabaseConfig, explanation: DatabaseExplanation | None)
                 "database": db.name,
                 "path": exc.path,
                 "field": field,
-                "message": exc.message,
+                "message": exc.detail,
                 "from": origin.as_json() if origin is not None else None,
                 "hints": hints,
                 "text": text,
@@ -229,7 +229,7 @@ def _failed_field(db: DatabaseConfig, exc: ConfigError) -> str | None:
         return exc.path
     for key in ("clientCertificate", "privateKey", "caCertificates"):
         value = getattr(db.tls, key)
-        if value and value in exc.message:
+        if value and value in exc.detail:
             return f"tls.{key}"
     return exc.path
 

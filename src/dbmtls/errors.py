@@ -154,9 +154,15 @@ class ConfigError(DbmtlsError):
     def path(self) -> str | None:
         return self._path
 
+    @property
+    def detail(self) -> str:
+        """What is wrong, without the file and YAML path that ``message`` starts with."""
+        return self._detail
+
     def __init__(self, message: str, *, source: str | None = None, path: str | None = None) -> None:
         self._source = source
         self._path = path
+        self._detail = message
         where = ": ".join(p for p in (source, path) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -28,6 +28,7 @@ LAYOUTS: tuple[tuple[str, tuple[str, str, str]], ...] = (
     ("cert-manager (kubernetes.io/tls)", ("tls.crt", "tls.key", "ca.crt")),
     ("Istio generic Secret", ("cert", "key", "cacert")),
 )
+EXPECTED_FILES = " or ".join(", ".join(names) for _, names in LAYOUTS)
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _KUBERNETES_PREFIX = "kubernetes://"
 
@@ -42,11 +43,22 @@ class Credential:
     files: dict[str, str]  # TLS field (clientCertificate, privateKey, caCertificates) -> path
     notes: tuple[str, ...] = ()
 
+    def how(self, file: str) -> str:
+        """Where ``file`` came from, for ``check``."""
+        return f"credentialName {self.name}: {self.layout or 'not mounted, expected'} {file.rsplit('/', 1)[-1]}"
+
+    @property
+    def hint(self) -> str:
+        """What to do when its files cannot be loaded."""
+        return (
+            f"credentialName {self.name} is read from {self.directory}/ ({EXPECTED_FILES}): mount the Secret there, "
+            "or set credentialsDir (or overrides.<database>.tls) to where the files are"
+        )
+
     @property
     def expected(self) -> str:
         """The files the Secret should provide, for an error message."""
-        names = " or ".join(f"{', '.join(n)}" for _, n in LAYOUTS)
-        return f"{names} in {self.directory}/"
+        return f"{EXPECTED_FILES} in {self.directory}/"
 
 
 def secret_name(value: object) -> str:

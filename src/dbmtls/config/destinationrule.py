@@ -284,6 +284,11 @@ def _read(doc: dict[str, Any], source: str) -> _Rule:
     )
 
 
+def _set(tls: dict[str, Any]) -> dict[str, Any]:
+    """The fields a TLS block sets: ``key:`` with nothing after it (null) is the field left out."""
+    return {k: v for k, v in tls.items() if v is not None}
+
+
 def _tls_blocks(policy: dict[str, Any], prefix: str) -> list[tuple[dict[str, Any], str]]:
     """Every TLS block of a traffic policy, with its YAML path."""
     out: list[tuple[dict[str, Any], str]] = []
@@ -385,6 +390,7 @@ def _istio_validation(rule: _Rule) -> None:
 
 
 def _validate_tls(tls: dict[str, Any], src: str, path: str) -> None:
+    tls = _set(tls)
     if "mode" not in tls:
         # Istio's default mode is DISABLE: TLS settings without a mode would silently mean
         # plaintext, which is never what someone who wrote a TLS block meant.
@@ -448,6 +454,9 @@ class _Target:
     mesh_port: MeshPort | None = None
     port_policy: dict[str, Any] | None = None
     port_policy_path: str | None = None
+    # the port is the default port of the protocol the annotation or the host names: that
+    # protocol is the port's, whatever else uses the same port number
+    default_of_rule_protocol: bool = False
 
 
 def _rule_protocol(rule: _Rule) -> tuple[str | None, Origin | None]:
@@ -486,6 +495,7 @@ def _targets(rule: _Rule, service: MeshService | None, notes: list[Note]) -> lis
         by_port[number] = (i, pls)
 
     ports: list[tuple[int, Origin, MeshPort | None]] = []
+    default_port: int | None = None
     if service is not None:
         for sp in service.ports:
             ports.append((sp.number, Origin(f"{service.title} port {sp.number}", service.source, sp.path), sp))
@@ -508,6 +518,7 @@ def _targets(rule: _Rule, service: MeshService | None, notes: list[Note]) -> lis
         default = REGISTRY.get(protocol).default_port if protocol else None
         if rule_tls is not None and default is not None and default not in by_port:
             ports.insert(0, (default, Origin(f"the default port of {protocol}"), None))
+            default_port = default
 
     targets: list[_Target] = []
     for number, origin, mp in ports:
@@ -519,9 +530,9 @@ def _targets(rule: _Rule, service: MeshService | None, notes: list[Note]) -> lis
             pls_path = f"spec.trafficPolicy.portLevelSettings[{i}]"
             if "tls" in pls:
                 tls, tls_path = pls["tls"], f"{pls_path}.tls"
-        targets.append(_Target(number, origin, tls, tls_path, mp, pls, pls_path))
+        targets.append(_Target(number, origin, tls, tls_path, mp, pls, pls_path, number == default_port))
 
-    if not targets and rule_tls is not None:
+    if not targets and rule_tls is not None and rule_tls["mode"] != "DISABLE":
         kinds = ", ".join(REGISTRY.names)
         raise _err(
             src,
@@ -537,7 +548,7 @@ def _protocol(rule: _Rule, target: _Target, service: MeshService | None) -> tupl
     """Step 5: the protocol of one port, and how it was chosen."""
     src = rule.source
     explicit = rule.annotations.get(ANNOTATION_PROTOCOL)
-    if explicit is not None:
+    if explicit is not None or target.default_of_rule_protocol:
         protocol, origin = _rule_protocol(rule)
         assert protocol is not None
         assert origin is not None
@@ -581,7 +592,7 @@ def _tls_settings(
     resolve: CredentialResolver,
     exp: DatabaseExplanation,
 ) -> dict[str, Any]:
-    tls = dict(target.tls or {})
+    tls = _set(target.tls or {})
     src, path = rule.source, target.tls_path
     mode = tls["mode"]
     out: dict[str, Any] = {"mode": mode}
@@ -613,13 +624,9 @@ def _tls_settings(
         cred = resolve(name, mode == "MUTUAL", not tls.get("insecureSkipVerify"))
         for key, file in cred.files.items():
             out[key] = file
-            how = f"credentialName {name}: {cred.layout or 'not mounted, expected'} {file.rsplit('/', 1)[-1]}"
-            exp.origins[f"tls.{key}"] = Origin(how, src, f"{path}.credentialName")
+            exp.origins[f"tls.{key}"] = Origin(cred.how(file), src, f"{path}.credentialName")
         exp.notes += [Note(n, src, f"{path}.credentialName") for n in cred.notes]
-        exp.hints.append(
-            f"credentialName {name} is read from {cred.directory}/ ({cred.expected}): mount the Secret there, "
-            "or set credentialsDir (or overrides.<database>.tls) to where the files are"
-        )
+        exp.hints.append(cred.hint)
     else:
         keys = ("clientCertificate", "privateKey", "caCertificates") if mode == "MUTUAL" else ("caCertificates",)
         for key in keys:
@@ -699,6 +706,11 @@ def _dial(rule: _Rule, target: _Target, service: MeshService | None, single: boo
     return None, None
 
 
+_DISABLED = (
+    "mode DISABLE, no TLS to originate: skipped (for a plaintext relay, write a dbmtls config with tls.mode: DISABLE)"
+)
+
+
 def map_destination_rule(
     doc: dict[str, Any],
     source: str,
@@ -716,8 +728,13 @@ def map_destination_rule(
     _istio_validation(rule)
     resolve = resolve_credential or default_credentials()
     out = MappedRule()
-    if not rule.policy.get("tls") and not any("tls" in p for p in rule.policy.get("portLevelSettings") or []):
+    blocks = _tls_blocks(rule.policy, "spec.trafficPolicy")
+    if not blocks:
         out.notes.append(Note("no TLS settings: nothing for dbmtls to do, skipped", source, "spec.trafficPolicy"))
+        return out
+    if all(tls.get("mode") == "DISABLE" for tls, _path in blocks):
+        for _tls, path in blocks:
+            out.notes.append(Note(_DISABLED, source, f"{path}.mode"))
         return out
     service = mesh.lookup(rule.host, rule.namespace, source) if mesh is not None else None
     targets = []
@@ -726,14 +743,7 @@ def map_destination_rule(
         if target.tls is None:
             out.notes.append(Note(f"{where} has no TLS settings: nothing for dbmtls to do", source, target.tls_path))
         elif target.tls["mode"] == "DISABLE":
-            out.notes.append(
-                Note(
-                    f"{where}: mode DISABLE, no TLS to originate: skipped (write a dbmtls config with "
-                    "tls.mode: DISABLE for a plaintext relay)",
-                    source,
-                    f"{target.tls_path}.mode",
-                )
-            )
+            out.notes.append(Note(f"{where}: {_DISABLED}", source, f"{target.tls_path}.mode"))
         elif (
             service is not None
             and target.mesh_port is not None

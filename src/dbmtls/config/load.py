@@ -344,13 +344,9 @@ def _with_credential(
     new_tls = {k: v for k, v in tls.items() if k != "credentialName"}
     for key, file in cred.files.items():
         new_tls[key] = file
-        how = f"credentialName {name}: {cred.layout or 'not mounted, expected'} {file.rsplit('/', 1)[-1]}"
-        exp.origins[f"tls.{key}"] = Origin(how, src, f"{path}.credentialName")
+        exp.origins[f"tls.{key}"] = Origin(cred.how(file), src, f"{path}.credentialName")
     exp.notes += [Note(n, src, f"{path}.credentialName") for n in cred.notes]
-    exp.hints.append(
-        f"credentialName {name} is read from {cred.directory}/ ({cred.expected}): mount the Secret there, "
-        "or set credentialsDir to where the files are"
-    )
+    exp.hints.append(cred.hint)
     return {**raw, "tls": new_tls}
 
 
