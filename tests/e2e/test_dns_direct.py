@@ -384,7 +384,7 @@ def test_connect_failure_says_what_dns_gave(pki: PKI, dnsmasq: Dnsmasq, resolv_c
         app.send_eof()
         said = await app.closed()
         assert said.startswith(
-            b"-ERR dbmtls: [db] connection to foo-redis-master:6379 refused (foo-redis-master is 127.0.0.2 in DNS)"
+            b"-ERR dbmtls: [db] connection to foo-redis-master:6379 refused (foo-redis-master resolved to 127.0.0.2)"
         ), said
 
     h = _run(_proxied(pki, "redis", "foo-redis-master:6379", direct(dnsmasq, resolv_conf)), script)
