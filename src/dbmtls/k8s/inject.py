@@ -333,7 +333,8 @@ def _generated_config(
                 db["listen"] = f"{_next_ip(used, port)}:{port}"
             if "dial" not in db and rule.service.namespace is not None:
                 # the rule's short name is read in the rule's namespace, not the pod's search list
-                db["dial"] = f"{rule.service.fqdn}:{port}"
+                # trailing dot: an absolute name skips the search list (ndots:5 would try 3 suffixes first)
+                db["dial"] = f"{rule.service.fqdn}.:{port}"
             name = db["name"] if db["name"] not in taken else f"{db['name']}.{rule.namespace}"
             db["name"] = name
             taken.add(name)
