@@ -271,6 +271,56 @@ def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | N
     click.echo(f"certificate written to {d}: {describe(Path(d) / 'tls.crt')}")
 
 
+@certs.command("k8s")
+@click.option("-n", "--namespace", required=True, help="Namespace of the Certificates (and of the database).")
+@click.option("--server", default=None, help="The database's Service name: a server Certificate for every name of it.")
+@click.option(
+    "--headless", multiple=True, help="A headless Service of the same pods (repeatable): adds *.NAME wildcards."
+)
+@click.option(
+    "--ip", "ips", multiple=True, help="An extra IP address for the server (repeatable; loopback is always in)."
+)
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    help="Client certificate CN (repeatable; Secret CN-tls); CN=NAME names the objects.",
+)
+@click.option(
+    "--ca-issuer", default=None, help="Sign with this existing Issuer (or clusterissuer/NAME) instead of printing a CA."
+)
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--rsa", is_flag=True, help="RSA 2048 (PKCS#1 keys, for old clients) instead of ECDSA P-256.")
+def certs_k8s(
+    namespace: str,
+    server: str | None,
+    headless: tuple[str, ...],
+    ips: tuple[str, ...],
+    clients: tuple[str, ...],
+    ca_issuer: str | None,
+    cluster_domain: str,
+    rsa: bool,
+) -> None:
+    """Print cert-manager manifests (multi-document YAML): a CA chain, a server and client Certificates."""
+    from dbmtls.k8s.certmanager import CertManagerError, K8sCerts, render
+
+    opts = K8sCerts(
+        namespace=namespace,
+        server=server,
+        headless=headless,
+        ips=ips,
+        clients=clients,
+        ca_issuer=ca_issuer,
+        cluster_domain=cluster_domain,
+        key_type="rsa" if rsa else "ecdsa",
+    )
+    try:
+        text = render(opts)
+    except CertManagerError as exc:
+        raise click.UsageError(exc.message) from None
+    click.echo(text, nl=False)
+
+
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (certificates, logs).")
 def demo(keep: bool) -> None:
