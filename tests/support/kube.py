@@ -223,26 +223,26 @@ def pod_spec(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     path = _POD_SPEC_PATHS.get(str(obj.get("kind")))
     if path is None:
         return None
-    node: Any = obj
-    for key in path:
-        node = node.get(key) if isinstance(node, Mapping) else None
+    node = _dig(obj, *path)
     if not isinstance(node, dict):
         return None
     return ".".join(path), node
 
 
+def _dig(node: Any, *path: str) -> Any:
+    """``node[path[0]][path[1]]...``, or None where a step is missing or not a mapping."""
+    for key in path:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
 def pod_labels(obj: Mapping[str, Any]) -> dict[str, str]:
-    """The labels the workload's pods get."""
-    kind = obj.get("kind")
-    if kind == "Pod":
-        meta = obj.get("metadata") or {}
-    elif kind == "CronJob":
-        meta = ((obj.get("spec") or {}).get("jobTemplate") or {}).get("spec", {}).get("template", {}).get("metadata")
-    elif kind == "PodTemplate":
-        meta = (obj.get("template") or {}).get("metadata")
-    else:
-        meta = ((obj.get("spec") or {}).get("template") or {}).get("metadata")
-    return dict((meta or {}).get("labels") or {})
+    """The labels the workload's pods get (``pod_spec``'s path, with metadata for spec)."""
+    path = _POD_SPEC_PATHS.get(str(obj.get("kind")))
+    if path is None:
+        return {}
+    labels = _dig(obj, *path[:-1], "metadata", "labels")
+    return dict(labels) if isinstance(labels, Mapping) else {}
 
 
 def _containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -251,7 +251,7 @@ def _containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
             yield field, c
 
 
-def _selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
     """metav1.LabelSelector semantics (an empty selector matches everything)."""
     if not selector:
         return True
@@ -517,7 +517,7 @@ def _workload_problems(obj: Mapping[str, Any], version: str) -> list[str]:
         selector = (obj.get("spec") or {}).get("selector")
         if not selector:
             out.append(f"{_where(obj)}: spec.selector is required")
-        elif not _selector_matches(selector, pod_labels(obj)):
+        elif not selector_matches(selector, pod_labels(obj)):
             out.append(f"{_where(obj)}: spec.selector does not match the pod template's labels")
         out += _selector_problems(selector, f"{_where(obj)}: spec.selector")
     for k, v in pod_labels(obj).items():
@@ -956,7 +956,7 @@ def _service_refs(objs: Sequence[Mapping[str, Any]], workloads: list[Mapping[str
         if not selector:
             continue
         matched = [
-            w for w in workloads if _ns(w) == _ns(svc) and _selector_matches({"matchLabels": selector}, pod_labels(w))
+            w for w in workloads if _ns(w) == _ns(svc) and selector_matches({"matchLabels": selector}, pod_labels(w))
         ]
         if not matched:
             out.append(f"{_where(svc)}: selector {selector} matches no pod template here")
@@ -1036,7 +1036,7 @@ def cross_object_checks(objs: Sequence[Mapping[str, Any]], *, webhook_paths: set
     # selectors that should select something here
     for pdb in (o for o in objs if o.get("kind") == "PodDisruptionBudget"):
         sel = (pdb.get("spec") or {}).get("selector")
-        if not any(_ns(w) == _ns(pdb) and _selector_matches(sel, pod_labels(w)) for w in workloads):
+        if not any(_ns(w) == _ns(pdb) and selector_matches(sel, pod_labels(w)) for w in workloads):
             out.append(f"{_where(pdb)}: selector matches no pod template here")
     for binding in (o for o in objs if o.get("kind") in ("RoleBinding", "ClusterRoleBinding")):
         role = binding.get("roleRef") or {}
@@ -1057,7 +1057,7 @@ def cross_object_checks(objs: Sequence[Mapping[str, Any]], *, webhook_paths: set
         services = [
             s for s in objs
             if s.get("kind") == "Service" and _ns(s) in namespaces
-            and _selector_matches(spec.get("selector"), (s.get("metadata") or {}).get("labels") or {})
+            and selector_matches(spec.get("selector"), (s.get("metadata") or {}).get("labels") or {})
         ]  # fmt: skip
         if not services:
             out.append(f"{_where(sm)}: selects no Service here")

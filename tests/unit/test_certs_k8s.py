@@ -8,6 +8,8 @@ is no OpenAPI schema for cert-manager's CRDs offline, so well-formedness is chec
 from __future__ import annotations
 
 import ipaddress
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 
 from dbmtls.cli import main
 from dbmtls.k8s.certmanager import CertManagerError, K8sCerts, manifests, render, server_dns_names
+from dbmtls.pki import create_ca, issue
 from support.kube import crd_problems, cross_object_checks
 
 NS = "istio-redis-mtls"
@@ -213,3 +216,57 @@ def test_secret_collisions_are_refused_in_the_library_too() -> None:
 def test_render_is_deterministic() -> None:
     opts = K8sCerts(namespace=NS, server="db", headless=("db-hl",), clients=("a", "b"))
     assert render(opts) == render(opts)
+
+
+def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, name: str) -> bool:
+    """An in-memory TLS handshake; True when the client accepts the server certificate for ``name``."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=name)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError:
+                return False
+            except ssl.SSLError:
+                if side is server:  # the client's alert after it rejected the certificate
+                    continue
+                raise
+            peer_in.write(out.read())
+        if client.version() is not None and server.version() is not None:
+            return True
+    raise AssertionError("handshake did not finish")
+
+
+def test_openssl_accepts_every_name_a_client_uses_and_no_other(tmp_path: Path) -> None:
+    """The names, issued into a real certificate, checked by OpenSSL's own host matching."""
+    spec = by_name(
+        manifests(K8sCerts(namespace=NS, server="foo-redis-master", headless=("foo-redis-headless",))),
+        "Certificate",
+        "foo-redis-master",
+    )["spec"]
+    create_ca(tmp_path / "ca")
+    issue(tmp_path / "ca", tmp_path / "srv", server_names=[*spec["dnsNames"], *spec["ipAddresses"]])
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "srv/tls.crt", tmp_path / "srv/tls.key")
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "ca/ca.crt"))
+    pod = "foo-redis-replicas-0.foo-redis-headless"
+    for name in (
+        "foo-redis-master",
+        f"foo-redis-master.{NS}",
+        f"foo-redis-master.{NS}.svc",
+        f"foo-redis-master.{NS}.svc.cluster.local",
+        f"foo-redis-headless.{NS}.svc.cluster.local",
+        f"{pod}.{NS}",
+        f"{pod}.{NS}.svc",
+        f"{pod}.{NS}.svc.cluster.local",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    ):
+        assert _handshake(server_ctx, client_ctx, name), name
+    for name in (pod, f"foo-redis.{NS}", "foo-redis-master.other.svc", "10.0.0.1"):
+        assert not _handshake(server_ctx, client_ctx, name), name

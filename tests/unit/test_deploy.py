@@ -22,7 +22,7 @@ from dbmtls import __version__
 from dbmtls.admin.metrics import make_registry, render
 from dbmtls.k8s.certmanager import K8sCerts
 from dbmtls.k8s.certmanager import render as render_certs
-from support.kube import cross_object_checks, kustomize_build, pod_spec, validate_object
+from support.kube import cross_object_checks, kustomize_build, pod_spec, selector_matches, validate_object
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -243,14 +243,12 @@ def test_mutating_webhook_configuration(built: dict[str, list[Obj]]) -> None:
 def test_each_pod_reaches_the_webhook_at_most_once(
     built: dict[str, list[Obj]], ns_labels: dict[str, str], pod_labels: dict[str, str], expected: list[str]
 ) -> None:
-    from support.kube import _selector_matches
-
     cfg = one(built["base"], "MutatingWebhookConfiguration")
     called = [
         w["name"]
         for w in cfg["webhooks"]
-        if _selector_matches(w.get("namespaceSelector"), {"kubernetes.io/metadata.name": "app", **ns_labels})
-        and _selector_matches(w.get("objectSelector"), pod_labels)
+        if selector_matches(w.get("namespaceSelector"), {"kubernetes.io/metadata.name": "app", **ns_labels})
+        and selector_matches(w.get("objectSelector"), pod_labels)
     ]
     assert called == expected
 
