@@ -8,6 +8,7 @@ Operator, Istio) have no schema offline and are checked by hand (``support.kube`
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import re
@@ -22,6 +23,8 @@ from dbmtls import __version__
 from dbmtls.admin.metrics import make_registry, render
 from dbmtls.k8s.certmanager import K8sCerts
 from dbmtls.k8s.certmanager import render as render_certs
+from dbmtls.k8s.inject import InjectOptions, inject_documents
+from dbmtls.k8s.sidecar import HEALTH_PORT_NAME
 from support.kube import cross_object_checks, kustomize_build, pod_spec, selector_matches, validate_object
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +32,6 @@ DEPLOY = ROOT / "deploy"
 BUILDS = ("base", "monitoring", "examples/redis-mtls")
 # What the webhook serves (src/dbmtls/k8s/webhook.py); the configuration may name only these.
 WEBHOOK_PATHS = {"/inject", "/inject/namespace-default"}
-# The design's names (docs/kubernetes.md): the sidecar's health/metrics port.
-SIDECAR_HEALTH_PORT = "dbmtls-health"
 
 Obj = dict[str, Any]
 
@@ -339,7 +340,7 @@ def test_alerts_use_metric_names_that_exist(built: dict[str, list[Obj]]) -> None
 def test_pod_monitor_scrapes_the_sidecar_health_port(built: dict[str, list[Obj]]) -> None:
     pm = one(built["monitoring"], "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == SIDECAR_HEALTH_PORT
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == HEALTH_PORT_NAME
     assert pm["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     sm = one(built["monitoring"], "ServiceMonitor")
     tls = sm["spec"]["endpoints"][0]["tlsConfig"]
@@ -394,3 +395,31 @@ def test_example_server_certificate_covers_what_the_bitnami_chart_uses(built: di
     ):
         assert n in names
     assert "127.0.0.1" not in names and "127.0.0.1" in spec["ipAddresses"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "legacy"])
+def test_the_example_through_the_real_injector(built: dict[str, list[Obj]], native: bool) -> None:
+    """What the webhook would make of the example's client: every check passes on it too."""
+    objs = built["examples/redis-mtls"]
+    injected = inject_documents(copy.deepcopy(objs), [], InjectOptions(native_sidecar=native))
+    dep = one(injected, "Deployment", "redis-client")
+    assert dep != one(objs, "Deployment", "redis-client")
+    validate_object(dep)
+    assert cross_object_checks(injected) == []
+    found = pod_spec(dep)
+    assert found is not None
+    spec = found[1]
+    sidecar = (spec["initContainers"] if native else spec["containers"])[0]
+    assert sidecar["name"] == "dbmtls"
+    # the PodMonitor scrapes the port the injector really names
+    ports = {p["name"] for p in sidecar["ports"]}
+    assert one(built["monitoring"], "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    # the client certificate's Secret is what the sidecar mounts, and only the sidecar
+    client_secret = one(objs, "Certificate", "jinsu")["spec"]["secretName"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    [mount] = [m for m in sidecar["volumeMounts"] if volumes[m["name"]].get("secret")]
+    assert volumes[mount["name"]]["secret"]["secretName"] == client_secret
+    app = next(c for c in spec["containers"] if c["name"] == "redis-cli")
+    assert "volumeMounts" not in app
+    # the name the app uses points at the sidecar
+    assert any("foo-redis-master" in a["hostnames"] for a in spec["hostAliases"])
