@@ -30,7 +30,8 @@ from support.kube import cross_object_checks, kustomize_build, pod_spec, selecto
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BUILDS = ("base", "monitoring", "examples/redis-mtls")
-# What the webhook serves (src/dbmtls/k8s/webhook.py); the configuration may name only these.
+# What the webhook serves (INJECT_PATHS in src/dbmtls/k8s/webhook.py, compared with the module
+# itself where it is importable); the configuration may name only these.
 WEBHOOK_PATHS = {"/inject", "/inject/namespace-default"}
 
 Obj = dict[str, Any]
@@ -61,6 +62,20 @@ def test_every_object_is_one_the_api_server_accepts(built: dict[str, list[Obj]],
         except AssertionError as exc:
             problems.append(str(exc))
     assert problems == []
+
+
+def _webhook_module() -> Any:
+    try:
+        return importlib.import_module("dbmtls.k8s.webhook")
+    except ImportError:  # not merged yet, or its extras missing
+        return None
+
+
+def test_webhook_paths_are_the_ones_the_webhook_serves() -> None:
+    webhook = _webhook_module()
+    if webhook is None:
+        pytest.skip("dbmtls.k8s.webhook is not importable here")
+    assert set(webhook.INJECT_PATHS) == WEBHOOK_PATHS
 
 
 def test_references_land_on_objects_that_exist(built: dict[str, list[Obj]]) -> None:
@@ -301,10 +316,9 @@ EXTERNAL_METRICS = {
 
 
 def _webhook_metric_names() -> set[str] | None:
-    """What the webhook module renders, or None where it is not importable (extras missing)."""
-    try:
-        webhook: Any = importlib.import_module("dbmtls.k8s.webhook")
-    except ImportError:
+    """What the webhook module renders, or None where it is not importable."""
+    webhook = _webhook_module()
+    if webhook is None:
         return None
     cert = SimpleNamespace(reloads={"success": 0, "failure": 0}, current=None)
     metrics = webhook.WebhookMetrics(webhook.Mesh(), cert)
