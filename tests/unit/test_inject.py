@@ -129,7 +129,7 @@ def test_injected_objects_validate_and_run(case: Path) -> None:
 
 # --- decisions, one at a time -----------------------------------------------------------------
 
-RULE = {
+RULE: dict[str, Any] = {
     "apiVersion": "networking.istio.io/v1",
     "kind": "DestinationRule",
     "metadata": {"name": "r", "namespace": "ns"},
