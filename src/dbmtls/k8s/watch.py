@@ -34,6 +34,7 @@ from typing import Any, cast
 
 from lightkube import ApiError, AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
+from lightkube.config.models import Cluster, User
 from lightkube.generic_resource import GenericNamespacedResource, create_namespaced_resource
 
 from dbmtls.logs import LOG
@@ -121,7 +122,8 @@ class DestinationRuleWatcher:
     @classmethod
     def from_server(cls, url: str, **kwargs: Any) -> DestinationRuleWatcher:
         """A watcher of the API server at ``url`` without credentials (tests, ``kubectl proxy``)."""
-        config = KubeConfig.from_server(url)
+        # KubeConfig.from_server leaves the user out, which some lightkube versions refuse.
+        config = KubeConfig.from_one(cluster=Cluster(server=url), user=User())
         return cls(lambda: AsyncClient(config=config, trust_env=False), **kwargs)
 
     # --- what the webhook reads ---------------------------------------------------------
@@ -183,7 +185,7 @@ class DestinationRuleWatcher:
                         else ""
                     )
                     (LOG.info if gone else LOG.warning)(
-                        "DestinationRule watch interrupted, listing again",
+                        "DestinationRules: list or watch failed, listing again",
                         extra={"fields": {"error": self.problem + hint, "retry_in": f"{backoff:g}s"}},
                     )
                     await self._notify()  # waiters see the problem
