@@ -303,7 +303,9 @@ class RunningWebhook:
         options: InjectOptions | None = None,
         poll: float = 0.05,
         idle_timeout: float = IDLE_TIMEOUT,
+        ca_file: str = "",
     ) -> None:
+        self.ca_file = ca_file  # what clients trust to reach it (for the tests' convenience)
         self.cert = ServingCertificate(cert_file, key_file)
         self.mesh = mesh or Mesh()
         self.inject = inject

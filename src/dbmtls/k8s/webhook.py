@@ -675,7 +675,10 @@ class WebhookServer:
         return problems + self.mesh.readiness()
 
     async def start(self) -> None:
-        host, port = split_host_port(self.listen)
+        if self.listen.endswith(":0"):  # any free port (tests); split_host_port wants a real one
+            host, port = split_host_port(self.listen[:-2] + ":1")[0], 0
+        else:
+            host, port = split_host_port(self.listen)
         try:
             self._server = await asyncio.start_server(
                 self._connection,
