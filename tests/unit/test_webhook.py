@@ -590,3 +590,49 @@ def test_an_expired_certificate_is_served_but_not_ready(pki: PKI) -> None:
         assert resp.status == 503
         assert b"serving certificate expired at" in resp.read()
         conn.close()
+
+
+# --- the decision without HTTP --------------------------------------------------------------------
+
+
+def _request(obj: Any) -> dict[str, Any]:
+    request: dict[str, Any] = adm.review(adm.pod())["request"]
+    request["object"] = obj
+    return request
+
+
+def test_an_injector_that_changes_its_argument_still_gets_the_right_patch() -> None:
+    def in_place(obj: Any, mesh: Any, options: InjectOptions, *, namespace: str | None = None) -> Any:
+        obj["spec"]["containers"].append({"name": "extra", "image": "x"})
+        return obj
+
+    pod = adm.pod()
+    verdict = wh.review(_request(pod), (), InjectOptions(), inject=in_place)
+    assert verdict.result == "injected"
+    assert apply_answer(pod, verdict.review)["spec"]["containers"][-1]["name"] == "extra"
+    assert pod == adm.pod()  # what the API server sent is not touched
+
+
+@pytest.mark.parametrize("obj", [None, [1], "pod", 7])
+def test_a_request_object_that_is_not_a_pod_is_refused(obj: Any) -> None:
+    verdict = wh.review(_request(obj), (), InjectOptions(), inject=adm.broken_inject)
+    assert verdict.result == "invalid"
+    assert verdict.review["response"]["allowed"] is False
+    assert verdict.review["response"]["status"]["code"] == 400
+
+
+def test_a_non_string_namespace_is_refused() -> None:
+    request = _request(adm.pod())
+    request["namespace"] = ["shop"]
+    verdict = wh.review(request, (), InjectOptions(), inject=adding_inject)
+    assert verdict.result == "invalid"
+    assert "namespace" in verdict.review["response"]["status"]["message"]
+
+
+def test_an_injector_returning_something_unpatchable_is_an_internal_error() -> None:
+    def weird(obj: Any, mesh: Any, options: InjectOptions, *, namespace: str | None = None) -> Any:
+        return {1, 2}
+
+    verdict = wh.review(_request(adm.pod()), (), InjectOptions(), inject=weird)
+    assert verdict.result == "error"
+    assert verdict.review["response"]["status"]["code"] == 500

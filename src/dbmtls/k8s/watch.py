@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
@@ -51,6 +52,10 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 
 Key = tuple[str, str]
+
+
+class _ClientConfigError(Exception):
+    """The Kubernetes client cannot be set up (no in-cluster token, no kubeconfig)."""
 
 
 class _NotServed(Exception):
@@ -89,6 +94,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _default_client() -> AsyncClient:
+    """In a pod, its ServiceAccount (an error names the missing token); elsewhere KUBECONFIG or ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return AsyncClient(config=KubeConfig.from_service_account())
+    return AsyncClient(config=KubeConfig.from_env())
+
+
 class DestinationRuleWatcher:
     """Lists and watches DestinationRules of all namespaces; ``snapshot()`` is what it knows now."""
 
@@ -102,7 +114,7 @@ class DestinationRuleWatcher:
         backoff_max: float = BACKOFF_MAX,
     ) -> None:
         # A factory, not a client: the client is made on the loop that runs the watch.
-        self._make_client = client or (lambda: AsyncClient())
+        self._make_client = client or _default_client
         self.versions = versions
         self.watch_timeout = watch_timeout
         self.backoff_initial = backoff_initial
@@ -161,12 +173,14 @@ class DestinationRuleWatcher:
             self._task = None
 
     async def run(self) -> None:
-        """List and watch until cancelled."""
-        client = self._make_client()
+        """List and watch until cancelled; every failure is logged and retried, none ends it."""
+        client: AsyncClient | None = None
         backoff = self.backoff_initial
         try:
             while True:
                 try:
+                    if client is None:
+                        client = self._client()
                     res = await self._list(client)
                     backoff = self.backoff_initial
                     await self._watch(client, res)
@@ -175,26 +189,37 @@ class DestinationRuleWatcher:
                 except _NotServed:
                     await asyncio.sleep(self.backoff_max)
                 except Exception as exc:
-                    self.errors += 1
-                    self.problem = _describe(exc)
                     gone = isinstance(exc, ApiError) and exc.status.code == 410
-                    hint = (
-                        " (RBAC: the webhook's ServiceAccount needs get, list and watch on "
-                        "destinationrules.networking.istio.io)"
-                        if isinstance(exc, ApiError) and exc.status.code == 403
-                        else ""
-                    )
-                    (LOG.info if gone else LOG.warning)(
-                        "DestinationRules: list or watch failed, listing again",
-                        extra={"fields": {"error": self.problem + hint, "retry_in": f"{backoff:g}s"}},
-                    )
-                    await self._notify()  # waiters see the problem
+                    await self._failed(exc, backoff, gone=gone)
                     await asyncio.sleep(0 if gone else backoff)
                     if not gone:
                         backoff = min(backoff * 2, self.backoff_max)
         finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    def _client(self) -> AsyncClient:
+        try:
+            return self._make_client()
+        except Exception as exc:  # no kubeconfig, no service account token (automountServiceAccountToken: false)
+            raise _ClientConfigError(f"cannot configure the Kubernetes client: {_describe(exc)}") from exc
+
+    async def _failed(self, exc: Exception, backoff: float, *, gone: bool) -> None:
+        self.errors += 1
+        self.problem = str(exc) if isinstance(exc, _ClientConfigError) else _describe(exc)
+        hint = ""
+        if isinstance(exc, ApiError) and exc.status.code == 403:
+            hint = (
+                " (RBAC: the webhook's ServiceAccount needs get, list and watch on "
+                "destinationrules.networking.istio.io)"
+            )
+        log = LOG.info if gone else LOG.warning if not isinstance(exc, _ClientConfigError) else LOG.error
+        log(
+            "DestinationRules: list or watch failed, listing again",
+            extra={"fields": {"error": self.problem + hint, "retry_in": f"{0 if gone else backoff:g}s"}},
+        )
+        await self._notify()  # waiters see the problem
 
     async def _list(self, client: AsyncClient) -> type[GenericNamespacedResource]:
         for version in self.versions:

@@ -44,6 +44,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import http
@@ -133,8 +134,9 @@ def parse_review(body: bytes) -> dict[str, Any]:
     return request
 
 
-def _pod_label(pod: Mapping[str, Any], namespace: str | None) -> str:
-    meta = pod.get("metadata")
+def _pod_label(pod: object, namespace: object) -> str:
+    """``namespace/name`` for the log, ``name`` being ``generateName*`` before the API server picks one."""
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "?")
     return f"{namespace}/{name}" if namespace else str(name)
@@ -151,8 +153,8 @@ def review(
     import jsonpatch  # the webhook extra; checked at startup (``require_extras``)
 
     uid = str(request["uid"])
-    kind = request.get("kind") if isinstance(request.get("kind"), dict) else {}
-    assert isinstance(kind, dict)
+    kind = request.get("kind")
+    kind = kind if isinstance(kind, dict) else {}
     if (
         request.get("operation") != "CREATE"
         or kind.get("kind") != "Pod"
@@ -171,18 +173,18 @@ def review(
         msg = "the AdmissionReview request namespace is not a string"
         return Verdict(_answer(uid, {"allowed": False, "status": _status(400, "BadRequest", msg)}), "invalid", msg)
     try:
-        injected = inject(pod, mesh, options, namespace=namespace)
+        # a copy: the Pod must stay as received to diff against, whatever the function does with it
+        injected = inject(copy.deepcopy(pod), mesh, options, namespace=namespace)
+        ops = jsonpatch.make_patch(pod, injected).patch
     except InjectError as exc:
         # 422 Invalid, as the API server's own validation answers: the Pod as written cannot
         # get what it asks for; the message names the object and the field to fix.
-        return Verdict(
-            _answer(uid, {"allowed": False, "status": _status(422, "Invalid", exc.message)}), "denied", exc.message
-        )
+        status = _status(422, "Invalid", exc.message)
+        return Verdict(_answer(uid, {"allowed": False, "status": status}), "denied", exc.message)
     except Exception as exc:  # a bug in the injector must not take the webhook down
         LOG.exception("injector failed", extra={"fields": {"uid": uid, "pod": _pod_label(pod, namespace)}})
         msg = f"dbmtls webhook internal error: {type(exc).__name__}: {exc}"
         return Verdict(_answer(uid, {"allowed": False, "status": _status(500, "InternalError", msg)}), "error", msg)
-    ops = jsonpatch.make_patch(pod, injected).patch
     if not ops:
         return Verdict(_answer(uid, {"allowed": True}), "unchanged")
     patch = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode("ascii")
@@ -810,7 +812,7 @@ class WebhookServer:
         fields = {
             "uid": admission["uid"],
             "operation": admission.get("operation"),
-            "pod": _pod_label(admission.get("object") or {}, admission.get("namespace")),
+            "pod": _pod_label(admission.get("object"), admission.get("namespace")),
             "result": verdict.result,
             "patch_ops": verdict.patch_ops or None,
             "reason": verdict.message or None,
