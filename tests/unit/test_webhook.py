@@ -438,6 +438,19 @@ def test_connections_are_kept_alive_between_reviews(fake_hook: RunningWebhook) -
         conn.close()
 
 
+def test_pipelined_requests_are_answered_in_order(fake_hook: RunningWebhook) -> None:
+    bodies = [_review_text(), json.dumps(adm.review(adm.pod(opt_in=False))).encode()]
+    head = b"POST /inject HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    data = head % len(bodies[0]) + b"\r\n" + bodies[0]
+    data += head % len(bodies[1]) + b"Connection: close\r\n\r\n" + bodies[1]
+    with _tls(fake_hook.port, hook_ca(fake_hook)) as sock:
+        sock.sendall(data)  # both at once, before reading anything
+        replies = _read_all(sock)
+    first, second = replies.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and b'"patch"' in first
+    assert second.startswith(b"200 ") and b'"patch"' not in second
+
+
 # --- health, readiness, metrics ------------------------------------------------------------------
 
 

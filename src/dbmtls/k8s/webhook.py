@@ -571,6 +571,12 @@ async def _read_events(
     request: h11.Request | None = None
     body = bytearray()
     head_budget = MAX_HEAD
+
+    def begin() -> None:  # the request's first byte: from now on it has READ_TIMEOUT to arrive whole
+        if not started.is_set():
+            started.set()
+            deadline.reschedule(loop.time() + READ_TIMEOUT)
+
     while True:
         try:
             event = conn.next_event()
@@ -586,12 +592,11 @@ async def _read_events(
                 head_budget -= len(data)
             else:
                 data = await reader.read(_READ_CHUNK)
-            if data and not started.is_set():
-                started.set()
-                deadline.reschedule(loop.time() + READ_TIMEOUT)
+            if data:
+                begin()
             conn.receive_data(data)  # b"": the client closed its side
         elif isinstance(event, h11.Request):
-            started.set()  # pipelined: already in h11's buffer
+            begin()  # a pipelined request was in h11's buffer already
             if not event.http_version.startswith(b"1."):
                 raise _HTTPError(400, "not HTTP/1.x")
             request = event
