@@ -167,14 +167,29 @@ def test_a_pod_that_does_not_opt_in_gets_no_patch(fake_hook: RunningWebhook) -> 
     validate_pod(apply_answer(pod, answer))
 
 
-def test_namespace_default_query_selects_the_namespace_entry(fake_hook: RunningWebhook) -> None:
+@pytest.mark.parametrize(
+    ("path", "injected"),
+    [
+        ("/inject", False),
+        ("/inject/namespace-default", True),  # what a MutatingWebhookConfiguration can name
+        ("/inject?namespaceDefault=true", True),
+        ("/inject?namespaceDefault=false", False),
+        ("/inject/namespace-default?namespaceDefault=false", False),
+    ],
+)
+def test_the_namespace_entry_injects_pods_without_the_label(
+    fake_hook: RunningWebhook, path: str, injected: bool
+) -> None:
     pod = adm.pod(opt_in=False)
-    plain = _admit(fake_hook, adm.review(pod), path="/inject?namespaceDefault=false")
-    assert "patch" not in plain["response"]
-    answer = _admit(fake_hook, adm.review(pod), path="/inject?namespaceDefault=true")
+    answer = _admit(fake_hook, adm.review(pod), path=path)
+    assert ("patch" in answer["response"]) == injected
     patched = apply_answer(pod, answer)
-    assert patched["spec"]["initContainers"][0]["name"] == "dbmtls"
+    assert bool(patched["spec"].get("initContainers")) == injected
     validate_pod(patched)
+
+
+def test_bad_namespace_default_queries_are_refused(fake_hook: RunningWebhook) -> None:
+    pod = adm.pod(opt_in=False)
     for bad in ("/inject?namespaceDefault=yes", "/inject?namespaceDefault=true&namespaceDefault=false", "/inject?x=1"):
         reply = post(fake_hook.port, hook_ca(fake_hook), adm.review(pod), path=bad)
         assert reply.status == 400, bad
@@ -649,3 +664,14 @@ def test_an_injector_returning_something_unpatchable_is_an_internal_error() -> N
     verdict = wh.review(_request(adm.pod()), (), InjectOptions(), inject=weird)
     assert verdict.result == "error"
     assert verdict.review["response"]["status"]["code"] == 500
+
+
+def test_the_inject_paths_pass_the_api_servers_check_of_service_paths() -> None:
+    # kube-apiserver validates clientConfig.service.path segment by segment as DNS-1123
+    # subdomains; a path it refuses could never be configured (a query string never can).
+    import re
+
+    subdomain = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    for path in wh.INJECT_PATHS:
+        assert all(subdomain.fullmatch(segment) for segment in path[1:].split("/")), path
+    assert not subdomain.fullmatch("inject?namespaceDefault=true")

@@ -10,15 +10,24 @@ sidecar but cannot get one (``InjectError``) is refused with the function's mess
 
 Endpoints, all on one HTTPS port:
 
-=====================  ======  ==============================================================
-``/inject``            POST    AdmissionReview in, AdmissionReview out
-                               (``?namespaceDefault=true``: the entry for namespaces labelled
-                               ``dbmtls.io/inject=enabled``, inject unless opted out)
-``/healthz``           GET     200 while the process runs
-``/readyz``            GET     200 once the serving certificate is loaded (and not expired)
-                               and, when watching, the first DestinationRule list is in
-``/metrics``           GET     Prometheus text format, ``dbmtls_webhook_*``
-=====================  ======  ==============================================================
+=============================  ======  ======================================================
+``/inject``                    POST    AdmissionReview in, AdmissionReview out
+``/inject/namespace-default``  POST    the same for the entry of namespaces labelled
+                                       ``dbmtls.io/inject=enabled``: inject unless opted out
+                                       (``InjectOptions.namespace_default``; also
+                                       ``/inject?namespaceDefault=true``)
+``/healthz``                   GET     200 while the process runs
+``/readyz``                    GET     200 once the serving certificate is loaded (and not
+                                       expired) and, when watching, the first DestinationRule
+                                       list is in
+``/metrics``                   GET     Prometheus text format, ``dbmtls_webhook_*``
+=============================  ======  ======================================================
+
+Why a path for the namespace entry and not only the query: a MutatingWebhookConfiguration
+cannot send one.  ``clientConfig.url`` forbids query parameters and the API server validates
+each segment of ``clientConfig.service.path`` as a DNS-1123 subdomain (lower case, digits,
+``-`` and ``.``), so ``/inject?namespaceDefault=true`` is refused when the configuration is
+created, while ``/inject/namespace-default`` is accepted.
 
 HTTP/1.1 is parsed by h11, as in the admin server (``dbmtls.admin.server``), on asyncio
 streams over TLS.  Connections are kept alive between AdmissionReviews (the API server reuses
@@ -622,8 +631,14 @@ async def _read_events(
             raise _HTTPError(400, f"unexpected {type(event).__name__}")
 
 
+INJECT_PATHS = {"/inject": False, "/inject/namespace-default": True}  # path -> namespace_default
+
+
 def _query_options(target: str, options: InjectOptions) -> InjectOptions:
-    query = urllib.parse.urlsplit(target).query
+    """``options`` for this request: its path's namespace default, then ``?namespaceDefault=``."""
+    url = urllib.parse.urlsplit(target)
+    options = dataclasses.replace(options, namespace_default=INJECT_PATHS[url.path])
+    query = url.query
     try:
         params = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
@@ -778,7 +793,7 @@ class WebhookServer:
     async def _route(self, request: _Request) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
         path = urllib.parse.urlsplit(request.target).path
-        if path == "/inject":
+        if path in INJECT_PATHS:
             try:
                 return self._inject(request)
             except _HTTPError as exc:
