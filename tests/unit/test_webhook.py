@@ -675,3 +675,19 @@ def test_the_inject_paths_pass_the_api_servers_check_of_service_paths() -> None:
     for path in wh.INJECT_PATHS:
         assert all(subdomain.fullmatch(segment) for segment in path[1:].split("/")), path
     assert not subdomain.fullmatch("inject?namespaceDefault=true")
+
+
+def test_the_manifests_in_the_docs_are_valid_kubernetes_objects() -> None:
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    section = text.split("\n## The admission webhook\n", 1)[1].split("\n## ", 1)[0]
+    docs = [d for block in re.findall(r"```yaml\n(.*?)```", section, re.S) for d in yaml.safe_load_all(block)]
+    assert [d["kind"] for d in docs] == ["MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29", strict=True)
+    paths = [w["clientConfig"]["service"]["path"] for w in docs[0]["webhooks"]]
+    assert paths == ["/inject", "/inject/namespace-default"]
+    assert all(p in wh.INJECT_PATHS for p in paths)
