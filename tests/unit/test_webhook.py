@@ -16,6 +16,7 @@ are errors), as the API server would after the webhook.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import http.client
@@ -464,6 +465,47 @@ def test_pipelined_requests_are_answered_in_order(fake_hook: RunningWebhook) -> 
     first, second = replies.split(b"HTTP/1.1 ")[1:]
     assert first.startswith(b"200 ") and b'"patch"' in first
     assert second.startswith(b"200 ") and b'"patch"' not in second
+
+
+def test_connections_over_the_cap_are_closed(pki: PKI) -> None:
+    with _start(pki, inject=adding_inject) as hook:
+        assert hook.server is not None
+        hook.server.max_connections = 2
+        with _tls(hook.port, pki.ca_cert) as one, _tls(hook.port, pki.ca_cert) as two:
+            _wait(lambda: hook.call(lambda: len(hook.server._conns)) == 2, "two open connections")  # type: ignore[union-attr]
+            with _tls(hook.port, pki.ca_cert) as three:
+                assert _read_all(three) == b""  # closed at once, nothing buffered for it
+            assert hook.server.refused == 1
+            one.close()
+            two.close()
+        assert get(hook.port, pki.ca_cert, "/healthz").status == 200  # a slot again once they are gone
+
+
+def test_shutdown_finishes_a_request_in_progress_and_closes_idle_connections(pki: PKI) -> None:
+    body = _review_text()
+    with _start(pki, inject=adding_inject) as hook:
+        assert hook.server is not None
+        server, port = hook.server, hook.port
+        with _tls(port, pki.ca_cert) as busy, _tls(port, pki.ca_cert) as idle:
+            busy.sendall(
+                b"POST /inject HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:100])
+            )
+            _wait(
+                lambda: hook.call(lambda: sorted(c.busy for c in server._conns.values())) == [False, True],
+                "one busy and one idle connection",
+            )
+            stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=DEADLINE), hook.loop)
+            assert _read_all(idle) == b""  # closed by the shutdown, without an answer
+            assert not stopping.done()  # still waiting for the busy one
+            busy.sendall(body[100:])
+            reply = _read_all(busy)
+            stopping.result(timeout=DEADLINE)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert b"Connection: close" in reply
+        assert b'"patch"' in reply
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()  # no longer listening
 
 
 # --- health, readiness, metrics ------------------------------------------------------------------

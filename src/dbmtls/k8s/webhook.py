@@ -557,16 +557,19 @@ def _is_json(ctype: str | None) -> bool:
     return ctype is not None and ctype.split(";", 1)[0].strip().lower() == "application/json"
 
 
-async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader, idle: float) -> _Request | None:
+async def _read_request(
+    conn: h11.Connection, reader: asyncio.StreamReader, idle: float, state: _Conn
+) -> _Request | None:
     """The next request on ``conn``; None when the client closed, or stayed idle for ``idle`` s.
 
     The wait for a request's first byte is bounded by ``idle``; from then on the whole request
-    must arrive within ``READ_TIMEOUT``.  Raises ``_HTTPError`` (400, 413) or ``TimeoutError``.
+    must arrive within ``READ_TIMEOUT`` and ``state.busy`` is set (a shutdown lets it finish).
+    Raises ``_HTTPError`` (400, 413) or ``TimeoutError``.
     """
     started = asyncio.Event()  # a flag the timeout handler can read (set on the first byte)
     try:
         async with asyncio.timeout(idle) as deadline:
-            return await _read_events(conn, reader, started, deadline)
+            return await _read_events(conn, reader, started, deadline, state)
     except TimeoutError:
         if started.is_set():
             raise
@@ -574,7 +577,11 @@ async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader, idle
 
 
 async def _read_events(
-    conn: h11.Connection, reader: asyncio.StreamReader, started: asyncio.Event, deadline: asyncio.Timeout
+    conn: h11.Connection,
+    reader: asyncio.StreamReader,
+    started: asyncio.Event,
+    deadline: asyncio.Timeout,
+    state: _Conn,
 ) -> _Request | None:
     loop = asyncio.get_running_loop()
     request: h11.Request | None = None
@@ -584,6 +591,7 @@ async def _read_events(
     def begin() -> None:  # the request's first byte: from now on it has READ_TIMEOUT to arrive whole
         if not started.is_set():
             started.set()
+            state.busy = True
             deadline.reschedule(loop.time() + READ_TIMEOUT)
 
     while True:
@@ -756,15 +764,13 @@ class WebhookServer:
         while True:
             state.busy = False
             try:
-                request = await _read_request(conn, reader, self.idle_timeout)
+                request = await _read_request(conn, reader, self.idle_timeout, state)
             except _HTTPError as exc:
-                state.busy = True
                 await self._send_error(conn, writer, exc)
                 return
             if request is None:
                 writer.close()
                 return
-            state.busy = True
             status, ctype, payload = await self._route(request)
             close = self.draining or status != 200
             writer.write(_response(conn, status, ctype, payload, head_only=request.method == "HEAD", close=close))
