@@ -273,14 +273,16 @@ def get(port: int, ca_file: str, path: str) -> Reply:
     return post(port, ca_file, b"", path=path, content_type=None, method="GET")
 
 
-def serving_serial(port: int, ca_file: str) -> int:
-    """The serial number of the certificate the server presents in a new handshake."""
+def serving_serial(port: int, ca_file: str, *, sni: bool = True) -> int:
+    """The serial number of the certificate the server presents in a new handshake (``sni``: send a name)."""
     from cryptography import x509
 
     ctx = client_context(ca_file)
+    if not sni:
+        ctx.check_hostname = False  # an address, as a webhook configured by IP is reached: no SNI
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ctx.wrap_socket(raw, server_hostname="localhost" if sni else None) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None

@@ -592,6 +592,7 @@ def test_the_serving_certificate_is_reloaded_under_the_running_server(pki: PKI, 
 
         secret.update_from(second.dir, ("tls.crt", "tls.key"))  # the kubelet's ..data swap
         _wait(lambda: serving_serial(hook.port, pki.ca_cert) == _serial(second), "the new certificate in a handshake")
+        assert serving_serial(hook.port, pki.ca_cert, sni=False) == _serial(second)  # without SNI too
         assert metrics(hook)["dbmtls_webhook_certificate_reloads_total{result=success}"] == 1
         kept.request("GET", "/healthz")  # a connection made before keeps working
         assert kept.getresponse().read() == b"ok\n"
