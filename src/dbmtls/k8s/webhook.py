@@ -58,13 +58,14 @@ import dataclasses
 import datetime as dt
 import http
 import json
+import logging
 import os
 import signal
 import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -451,6 +452,7 @@ class ServingCertificate:
 # --- metrics --------------------------------------------------------------------------------------
 
 RESULTS = ("injected", "unchanged", "skipped", "denied", "invalid", "error")
+_LOG_LEVELS = {"injected": logging.INFO, "denied": logging.WARNING, "invalid": logging.WARNING, "error": logging.ERROR}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -537,7 +539,21 @@ class _Request:
 @dataclass
 class _Conn:
     busy: bool = False  # a request is being read or answered (an idle one is closed at shutdown)
-    task: asyncio.Task[None] | None = field(default=None)
+
+
+class _Throttle:
+    """At most one line per ``interval`` at WARNING for what a client can repeat at will; DEBUG for the rest."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: float | None = None
+
+    def level(self) -> int:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.interval:
+            return logging.DEBUG
+        self._last = now
+        return logging.WARNING
 
 
 def _response(
@@ -688,6 +704,8 @@ class WebhookServer:
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], _Conn] = {}
         self.refused = 0
+        self._refusal_log = _Throttle()
+        self._full_log = _Throttle()
 
     @property
     def ports(self) -> list[int]:
@@ -746,8 +764,14 @@ class WebhookServer:
         if len(self._conns) >= self.max_connections or self.draining:
             self.refused += 1
             writer.transport.abort()
+            if not self.draining:
+                LOG.log(
+                    self._full_log.level(),
+                    "webhook at its connection limit, closing new connections",
+                    extra={"fields": {"limit": self.max_connections, "refused_total": self.refused}},
+                )
             return
-        state = _Conn(task=task)
+        state = _Conn()
         self._conns[task] = state
         try:
             await self._serve(reader, writer, state)
@@ -781,9 +805,13 @@ class WebhookServer:
                 return
             conn.start_next_cycle()
 
-    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter, exc: _HTTPError) -> None:
+    def _refused(self, exc: _HTTPError) -> None:
         self.metrics.http_errors.labels(str(exc.status)).inc()
-        LOG.warning("webhook request refused", extra={"fields": {"status": exc.status, "error": exc.message}})
+        fields = {"status": exc.status, "error": exc.message}
+        LOG.log(self._refusal_log.level(), "webhook request refused", extra={"fields": fields})
+
+    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter, exc: _HTTPError) -> None:
+        self._refused(exc)
         if conn.our_state is h11.SEND_RESPONSE or conn.our_state is h11.IDLE:
             try:
                 data = _response(conn, exc.status, "text/plain; charset=utf-8", f"{exc.message}\n".encode(), close=True)
@@ -803,8 +831,7 @@ class WebhookServer:
             try:
                 return self._inject(request)
             except _HTTPError as exc:
-                self.metrics.http_errors.labels(str(exc.status)).inc()
-                LOG.warning("webhook request refused", extra={"fields": {"status": exc.status, "error": exc.message}})
+                self._refused(exc)
                 return exc.status, text, f"{exc.message}\n".encode()
         if request.method not in ("GET", "HEAD"):
             return 405, text, b"use GET\n"
@@ -845,7 +872,7 @@ class WebhookServer:
             "namespace_default": options.namespace_default or None,
             "duration_ms": round(elapsed * 1000, 2),
         }
-        level = {"injected": 20, "denied": 30, "invalid": 30, "error": 40}.get(verdict.result, 10)
+        level = _LOG_LEVELS.get(verdict.result, logging.DEBUG)  # unchanged, skipped: DEBUG
         LOG.log(level, "admission", extra={"fields": fields})
         return 200, "application/json", json.dumps(verdict.review, separators=(",", ":")).encode()
 
