@@ -952,21 +952,3 @@ def in_cluster() -> bool:
     """Running in a pod: the kubelet sets KUBERNETES_SERVICE_HOST in every container."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
-
-__all__ = [
-    "MAX_BODY",
-    "BadReview",
-    "CertificateError",
-    "Mesh",
-    "ServingCertificate",
-    "Verdict",
-    "WebhookServer",
-    "decode_patch",
-    "in_cluster",
-    "load_rule_files",
-    "parse_review",
-    "require_extras",
-    "review",
-    "serve",
-    "server_context",
-]
