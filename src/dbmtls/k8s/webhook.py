@@ -951,4 +951,3 @@ async def serve(
 def in_cluster() -> bool:
     """Running in a pod: the kubelet sets KUBERNETES_SERVICE_HOST in every container."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-
