@@ -1,8 +1,13 @@
 # The two commands for a fresh machine:  make demo   and   make test
 .PHONY: setup demo test lint unit e2e bench clean
 
-setup:
+# setup runs again only when what it installs from changed (the stamp is newer otherwise);
+# `make clean` or deleting .venv forces it.
+setup: .venv/.setup-done
+
+.venv/.setup-done: pyproject.toml scripts/setup.sh
 	scripts/setup.sh
+	touch $@
 
 demo: setup
 	.venv/bin/dbmtls demo

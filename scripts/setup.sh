@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client)
+want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client dnsmasq-base)
 if [ "${1:-}" = "bench" ]; then
   want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer)
 fi

@@ -36,3 +36,12 @@ def echo(pki: PKI) -> Iterator[TLSEchoServer]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite the expected outputs of golden-file tests (tests/k8s/golden) from the current code",
+    )

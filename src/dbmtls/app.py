@@ -30,6 +30,7 @@ class App:
         self.admin_listen = admin_listen if admin_listen is not None else config.admin.listen
         self.proxy = Proxy(config)
         self.admin: AdminServer | None = None
+        self.public_admin: AdminServer | None = None
         self.reloader = Reloader(
             {name: rt.tls for name, rt in self.proxy.runtimes.items()},
             expiry_warning=config.certificateExpiryWarning,
@@ -104,12 +105,16 @@ class App:
         if self.admin_listen != "off":
             self.admin = AdminServer(self, self.admin_listen, allow_remote=self.config.admin.allowRemote)
             await self.admin.start()
+        if self.config.admin.publicListen != "off":
+            self.public_admin = AdminServer(self, self.config.admin.publicListen, public=True)
+            await self.public_admin.start()
 
     async def _stop_extras(self) -> None:
         await self.reloader.stop()
         await self.trimmer.stop()
-        if self.admin is not None:
-            await self.admin.stop()
+        for server in (self.admin, self.public_admin):
+            if server is not None:
+                await server.stop()
 
 
 def run(config: Config, *, admin_listen: str | None = None) -> int:

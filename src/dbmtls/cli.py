@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 import click
 
@@ -25,7 +26,8 @@ def _load(configs: tuple[str, ...]) -> Config:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="dbmtls", message="%(prog)s %(version)s")
 def main() -> None:
     """dbmtls: the app talks plaintext to localhost, dbmtls talks verified mutual TLS to the database."""
 
@@ -84,6 +86,7 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"warning: {db.name}: {w}", err=True)
         if db.tls.insecureSkipVerify:
             click.echo(f"warning: {db.name}: insecureSkipVerify is on: the server is NOT verified", err=True)
+    dns_lines = _check_dns(config, problems)
     dump = config.model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(dump, indent=2))
@@ -95,11 +98,38 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
             host, port = db.upstream
             click.echo(f"# {db.name}: {db.spec.title} on {db.listen} -> {host}:{port}; {db.spec.upgrade}")
             click.echo(f"#   errors the app sees: {db.spec.errors}")
+        for line in dns_lines:
+            click.echo(f"# {line}")
         click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
     if problems:
         for p in problems:
             click.echo(f"dbmtls: error: {p}", err=True)
         sys.exit(1)
+
+
+def _check_dns(config: Config, problems: list[str]) -> list[str]:
+    """How names will be resolved; in dns.mode direct, resolve every server name now and add
+    the ones that fail to ``problems`` (a name that cannot be resolved fails every connection)."""
+    import asyncio
+
+    from dbmtls.proxy.resolver import is_ip_literal, make_resolver, resolve_all
+
+    resolver = make_resolver(config.dns)
+    if resolver is None:
+        return ["dns: mode system (getaddrinfo: /etc/hosts first, then the system's DNS)"]
+    lines = [f"dns: mode direct (DNS only, never /etc/hosts): {resolver.describe()}"]
+    hosts = {db.name: db.dial_target[0] for db in config.databases}
+    names = [h for h in hosts.values() if not is_ip_literal(h)]
+    results = asyncio.run(resolve_all(resolver, names)) if names else {}
+    for name, host in hosts.items():
+        result = results.get(host)
+        if result is None:
+            continue  # an IP address: nothing to resolve
+        if isinstance(result, tuple):
+            lines.append(f"  {name}: {host} -> {', '.join(result)}")
+        else:
+            problems.append(f"database {name!r}: {result.message} (hint: {result.hint})")
+    return lines
 
 
 @main.command()
@@ -209,6 +239,73 @@ def webhook(
         click.echo(f"dbmtls: {exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--filename",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.File("r", encoding="utf-8"),
+    help="Kubernetes YAML to inject (multi-document; '-' for stdin; repeatable). DestinationRules in it "
+    "configure the sidecars and are printed unchanged.",
+)
+@click.option(
+    "--mesh",
+    "mesh_files",
+    multiple=True,
+    type=click.File("r", encoding="utf-8"),
+    help="More DestinationRules to use, not printed (repeatable).",
+)
+@click.option("--image", default=None, help="Sidecar image (default: dbmtls:VERSION, or $DBMTLS_IMAGE).")
+@click.option(
+    "--native-sidecar/--no-native-sidecar",
+    default=True,
+    show_default=True,
+    help="Native sidecar (initContainer, restartPolicy Always; Kubernetes >= 1.29) or a plain container.",
+)
+@click.option("--namespace", "-n", default="default", show_default=True, help="Namespace of objects that name none.")
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+def inject(
+    files: tuple[TextIO, ...],
+    mesh_files: tuple[TextIO, ...],
+    image: str | None,
+    native_sidecar: bool,
+    namespace: str,
+    cluster_domain: str,
+) -> None:
+    """Add the dbmtls sidecar to workloads that opt in (like istioctl kube-inject)."""
+    import os
+
+    import yaml
+
+    from dbmtls.k8s.inject import InjectError, InjectOptions, inject_documents
+
+    def read(stream: TextIO) -> list[Any]:
+        try:
+            return [d for d in yaml.safe_load_all(stream) if d is not None]
+        except yaml.YAMLError as exc:
+            click.echo(f"dbmtls inject: {stream.name}: invalid YAML: {exc}", err=True)
+            sys.exit(2)
+
+    docs = [d for f in files for d in read(f)]
+    mesh = [d for f in mesh_files for d in read(f) if isinstance(d, dict) and d.get("kind") == "DestinationRule"]
+    options = InjectOptions(
+        image=image or os.environ.get("DBMTLS_IMAGE") or InjectOptions.image,
+        native_sidecar=native_sidecar,
+        cluster_domain=cluster_domain,
+        default_namespace=namespace,
+    )
+    try:
+        out = inject_documents(docs, mesh, options)
+    except InjectError as exc:
+        click.echo(f"dbmtls inject: {exc.message}", err=True)
+        sys.exit(1)
+    from dbmtls.k8s.yamlio import dump_all
+
+    click.echo(dump_all(out), nl=False)
 
 
 @main.group()

@@ -217,6 +217,20 @@ class UpstreamUnreachable(UpstreamError):
     default_hint = "check that the database address in the dbmtls config is right and the server is up"
 
 
+class NameNotResolved(UpstreamUnreachable):
+    """DNS could not turn the server's name into addresses (``dns.mode: direct``).
+
+    The same reason as a refused connection (the server cannot be reached, and every
+    protocol already says so in its own words); the message names the name, the search
+    list, the nameservers asked and what they answered.
+    """
+
+    default_hint = (
+        "check the database address (the Service name and namespace) and that the nameservers "
+        "in dns.nameservers / dns.resolvConf answer for it (dbmtls check resolves every database)"
+    )
+
+
 class UpstreamTimeout(UpstreamError):
     reason = Reason.TIMEOUT
     default_hint = "the server or the network is slow or dropping packets; see connectTimeout/handshakeTimeout"

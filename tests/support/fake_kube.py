@@ -61,11 +61,16 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
-def rule(namespace: str, name: str, host: str, *, version: str = "v1", mode: str = "MUTUAL") -> dict[str, Any]:
+def rule(
+    namespace: str, name: str, host: str, *, version: str = "v1", mode: str = "MUTUAL", protocol: str | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if protocol:
+        meta["annotations"] = {"dbmtls.io/protocol": protocol}
     return {
         "apiVersion": f"{GROUP}/{version}",
         "kind": "DestinationRule",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": meta,
         "spec": {"host": host, "trafficPolicy": {"tls": {"mode": mode, "credentialName": f"{name}-client"}}},
     }
 

@@ -199,8 +199,10 @@ class ScriptedDialer(Dialer):
         self.handshake_error: BaseException | None = None  # what OpenSSL says instead of a handshake
         self.contexts: list[ssl.SSLContext] = []  # the context (identity) of every handshake, in order
         self.transports: list[FakeTransport] = []
+        self.hosts: list[str] = []  # where each connection was opened (an address in dns.mode direct)
 
-    async def open(self, conn: Conn, ep: Endpoint) -> None:
+    async def open(self, conn: Conn, ep: Endpoint, host: str) -> None:
+        self.hosts.append(host)
         if self.refuse is not None:
             raise self.refuse
         transport = FakeTransport(ep)

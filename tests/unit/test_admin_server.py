@@ -730,3 +730,24 @@ def test_out_of_descriptors_health_is_still_answered_and_the_listener_survives()
     assert _parse(after).status == 200
     assert log.count("out of file descriptors: admin connection accepted on the spare descriptor") == 1, log
     assert "ERROR" not in log
+
+
+def test_the_public_listener_serves_only_probes_and_metrics(control: FakeControl) -> None:
+    """admin.publicListen: what kubelet and Prometheus need on the pod IP, and nothing that acts."""
+
+    async def scenario(port: int) -> list[Reply]:
+        return [
+            # the kubelet and Prometheus name the pod IP in Host
+            _parse(await _raw(port, b"GET /healthz HTTP/1.1\r\nHost: 10.1.2.3:15021\r\n\r\n")),
+            _parse(await _raw(port, b"GET /readyz HTTP/1.1\r\nHost: 10.1.2.3:15021\r\n\r\n")),
+            _parse(await _raw(port, b"GET /metrics HTTP/1.1\r\nHost: 10.1.2.3:15021\r\n\r\n")),
+            await _request(port, "POST", "/quitquitquit"),
+            await _request(port, "POST", "/reload"),
+            await _request(port, "POST", "/loglevel", body=b"debug"),
+            await _request(port, "GET", "/config"),
+            await _request(port, "POST", "/healthz"),
+        ]
+
+    replies = _serve(control, scenario, public=True)
+    assert [r.status for r in replies] == [200, 200, 200, 404, 404, 404, 404, 404]
+    assert control.shutdowns == [] and control.reloads == []

@@ -651,3 +651,15 @@ def test_check_warns_about_insecure_skip_verify(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check", "-c", str(cfg)])
     assert result.exit_code == 0, result.output
     assert "insecureSkipVerify is on" in result.stderr
+
+
+def test_config_from_an_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-c env:NAME``: how the Kubernetes injector hands the sidecar its generated config."""
+    monkeypatch.setenv("DBMTLS_TEST_CONFIG", yaml.safe_dump({"databases": [db()]}))
+    file = write(tmp_path, "more.yaml", "drainTimeout: 7s\n")
+    config = load_config(["env:DBMTLS_TEST_CONFIG", file])
+    assert [d.name for d in config.databases] == [db()["name"]] and config.drainTimeout == 7
+    monkeypatch.delenv("DBMTLS_TEST_CONFIG")
+    with pytest.raises(ConfigError, match="environment variable not set") as err:
+        load_config(["env:DBMTLS_TEST_CONFIG"])
+    assert "env:DBMTLS_TEST_CONFIG" in str(err.value)

@@ -45,7 +45,10 @@ DEADLINE = 10.0
 RULES_YAML = """\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: orders-db, namespace: shop}
+metadata:
+  name: orders-db
+  namespace: shop
+  annotations: {dbmtls.io/protocol: postgres}
 spec:
   host: orders-db.shop.svc.cluster.local
   trafficPolicy:
@@ -219,11 +222,32 @@ def test_real_injector_patch_is_exactly_its_result(
     assert answer["response"]["allowed"] is True
     patched = apply_answer(pod, answer)
     assert patched == expected
+    # with these rules the injector adds its sidecar exactly when the pod or its namespace opts in
+    assert (expected != pod) == (opt_in or namespace_default)
     assert ("patch" in answer["response"]) == (expected != pod)  # unchanged: no patch fields at all
     validate_pod(patched)
     # and the result, sent again (reinvocation), is left as it is
     again = _admit(real_hook, adm.review(patched), path=path)
     assert "patch" not in again["response"]
+
+
+def test_the_real_injectors_refusal_reaches_the_api_server(pki: PKI) -> None:
+    # a rule for a host whose protocol nothing tells: the injector refuses, naming the fix
+    unknown = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "orders-db", "namespace": "shop"},
+        "spec": {"host": "orders-db", "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "c"}}},
+    }
+    pod = adm.pod()
+    with pytest.raises(InjectError) as refused:
+        inject_object(pod, [unknown], InjectOptions(), namespace=adm.NAMESPACE)
+    with _start(pki, mesh=Mesh([unknown])) as hook:
+        response = _admit(hook, adm.review(pod))["response"]
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 422
+    assert response["status"]["message"] == refused.value.message
+    assert "dbmtls.io/protocol" in response["status"]["message"]
 
 
 def test_an_inject_error_denies_with_422_and_the_message(pki: PKI) -> None:
@@ -584,7 +608,9 @@ def test_the_serving_certificate_is_reloaded_under_the_running_server(pki: PKI, 
     first, second = _server_pair(pki, "rot-a"), _server_pair(pki, "rot-b")
     secret = SecretDir(tmp_path / "serving")
     secret.update_from(first.dir, ("tls.crt", "tls.key"))
-    with RunningWebhook(secret.file("tls.crt"), secret.file("tls.key"), ca_file=pki.ca_cert) as hook:
+    with RunningWebhook(
+        secret.file("tls.crt"), secret.file("tls.key"), ca_file=pki.ca_cert, inject=adding_inject
+    ) as hook:
         assert serving_serial(hook.port, pki.ca_cert) == _serial(first)
         kept = http.client.HTTPSConnection("localhost", hook.port, context=adm.client_context(pki.ca_cert))
         kept.request("GET", "/healthz")

@@ -14,6 +14,11 @@ Endpoints (all on the admin address, loopback by default):
 ``/loglevel``          GET     current level; POST with body ``debug|info|warning|error``
 =====================  ======  ===========================================================
 
+``admin.publicListen`` opens a second, read-only server with only ``/healthz``, ``/readyz``
+and ``/metrics`` (GET/HEAD).  In a Kubernetes pod the kubelet's probes and Prometheus reach
+the pod IP, not its loopback, while ``/quitquitquit`` or ``/loglevel`` must stay reachable
+from inside the pod only: two listeners keep those apart without any authentication scheme.
+
 HTTP/1.1 is parsed by h11: a sans-IO state machine (bytes in, events out; no
 sockets, threads or event loop of its own) of about 2,500 lines of pure Python
 with no dependencies.  It parses request lines, headers, ``Content-Length`` and
@@ -55,6 +60,7 @@ from dbmtls.config.model import split_host_port
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG, set_level
 
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_HEAD = 8192
 MAX_BODY = 1024
 READ_TIMEOUT = 5.0
@@ -280,9 +286,13 @@ class AdminServer:
         listen: str,
         *,
         allow_remote: bool = False,
+        public: bool = False,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.control = control
+        # public: the read-only server of ``admin.publicListen`` (see the module docstring);
+        # its callers (kubelet, Prometheus) name the pod IP in Host, so no Host check there.
+        self.public = public
         self.listen = listen
         self.allow_remote = allow_remote
         self.max_connections = max_connections
@@ -312,7 +322,8 @@ class AdminServer:
         try:
             self._sockets = await _bind(host, port)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.listen}: {exc.strerror or exc}", path="admin.listen") from None
+            field = "admin.publicListen" if self.public else "admin.listen"
+            raise ConfigError(f"cannot listen on {self.listen}: {exc.strerror or exc}", path=field) from None
         self._take_spare()
         self._accepting(True)
         LOG.info("admin server listening", extra={"fields": {"listen": self.listen}})
@@ -443,7 +454,9 @@ class AdminServer:
                     delivered = True
                     return
                 head_only = request.method == "HEAD"
-                refusal = _refusal(request, allow_remote=self.allow_remote, listen_host=self._listen_host)
+                refusal = _refusal(
+                    request, allow_remote=self.allow_remote or self.public, listen_host=self._listen_host
+                )
                 if refusal is not None:
                     status, ctype, payload = refusal
                 else:
@@ -465,6 +478,8 @@ class AdminServer:
     async def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         text = "text/plain; charset=utf-8"
+        if self.public and (path not in PUBLIC_PATHS or method not in ("GET", "HEAD")):
+            return 404, text, b"not found (this is the read-only listener: /healthz, /readyz, /metrics)\n"
         if path == "/healthz":
             return 200, text, b"ok\n"
         if path == "/readyz":

@@ -10,6 +10,7 @@ listeners).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,16 @@ from dbmtls.config.destinationrule import is_destination_rule, map_destination_r
 from dbmtls.config.model import Config, DatabaseConfig, FieldError
 from dbmtls.errors import ConfigError
 
-_TOP_LEVEL = {"databases", "admin", "log", "drainTimeout", "certificateExpiryWarning", "maxConnections", "overrides"}
+_TOP_LEVEL = {
+    "databases",
+    "admin",
+    "log",
+    "dns",
+    "drainTimeout",
+    "certificateExpiryWarning",
+    "maxConnections",
+    "overrides",
+}
 _OVERRIDE_FIELDS = {"listen", "address", "dial", "allowRemoteClients", "maxConnections", "idleTimeout"}
 
 
@@ -56,15 +66,11 @@ def _from_validation(err: ValidationError, source: str, prefix: str = "", drop: 
     return ConfigError(msg, source=source, path=path or None)
 
 
+ENV_PREFIX = "env:"
+
+
 def _load_documents(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found", source=str(path)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not UTF-8 text", source=str(path)) from None
+    text = _read_text(path)
     try:
         return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
@@ -72,6 +78,28 @@ def _load_documents(path: Path) -> list[Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"invalid YAML: {problem}", source=str(path), path=where) from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; ``env:NAME`` reads the environment variable NAME instead.
+
+    The Kubernetes injector hands the sidecar its generated config in an environment variable:
+    a webhook may only patch the pod, not create a ConfigMap for it (docs/kubernetes.md).
+    """
+    name = str(path)
+    if name.startswith(ENV_PREFIX):
+        value = os.environ.get(name.removeprefix(ENV_PREFIX))
+        if value is None:
+            raise ConfigError("environment variable not set", source=name)
+        return value
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", source=str(path)) from None
 
 
 def _database_from_dict(raw: dict[str, Any], source: str, prefix: str, tls_path: str | None) -> DatabaseConfig:
@@ -117,19 +145,29 @@ def load_config(paths: Sequence[str | Path]) -> Config:
     """Read, merge and validate ``paths`` in order; a ConfigError names the file and YAML path."""
     if not paths:
         raise ConfigError("no configuration file given (use -c FILE)")
+    return config_from_documents(
+        (item for p in paths for item in _documents(Path(p))), ", ".join(str(p) for p in paths)
+    )
+
+
+def config_from_documents(documents: Iterable[tuple[dict[str, Any], str]], sources: str) -> Config:
+    """Merge and validate (document, source) pairs in order: what ``load_config`` does after reading.
+
+    The Kubernetes injector calls this on the documents it generates, so that a pod is only
+    ever given a configuration that ``dbmtls run`` will accept.
+    """
     collected = _Collected()
-    for p in paths:
-        for doc, src in _documents(Path(p)):
-            if is_destination_rule(doc):
-                _collect_destination_rule(doc, src, collected)
-            else:
-                _collect_config(doc, src, collected)
+    for doc, src in documents:
+        if is_destination_rule(doc):
+            _collect_destination_rule(doc, src, collected)
+        else:
+            _collect_config(doc, src, collected)
     _apply_overrides(collected, _index_by_name(collected.entries))
     _check_listeners(collected.entries)
     try:
         return Config.model_validate({**collected.sections, "databases": [e.db for e in collected.entries]})
     except ValidationError as exc:
-        raise _from_validation(exc, ", ".join(str(p) for p in paths)) from None
+        raise _from_validation(exc, sources) from None
 
 
 def _documents(path: Path) -> Iterator[tuple[dict[str, Any], str]]:

@@ -14,7 +14,16 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from dbmtls.protocols.registry import REGISTRY
 from dbmtls.protocols.spec import ProtocolSpec
@@ -232,8 +241,12 @@ class AdminConfig(_Model):
     # Without it the admin server also answers only requests whose Host is a loopback name,
     # which is what keeps a DNS-rebinding web page from reading /config and /metrics.
     allowRemote: bool = False  # noqa: N815
+    # A second, read-only server (GET /healthz, /readyz, /metrics only), which may listen on a
+    # non-loopback address: what kubelet probes and Prometheus need on a pod IP, without
+    # exposing /quitquitquit and /loglevel there.  "off": none.
+    publicListen: str = "off"  # noqa: N815
 
-    @field_validator("listen")
+    @field_validator("listen", "publicListen")
     @classmethod
     def _listen(cls, v: str) -> str:
         if v != "off":
@@ -256,10 +269,73 @@ class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
 
 
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """A ``dns.nameservers`` entry: 'ip', 'ip:port', '[v6]:port' or a bare IPv6 address -> (ip, port)."""
+    text = text.strip()
+    try:
+        return str(ipaddress.ip_address(text)), 53  # a bare address, IPv6 included: port 53
+    except ValueError:
+        pass
+    host, port = split_host_port(text, default_port=53)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"a nameserver must be an IP address (it cannot itself be looked up), got {text!r}") from None
+    if ip.version == 6 and not text.startswith("["):
+        raise ValueError(f"write IPv6 addresses as [addr]:port, got {text!r}")
+    return str(ip), port
+
+
+def _nameserver(text: str) -> str:
+    parse_nameserver(text)
+    return text
+
+
+# validated per entry, so that an error names its index (dns.nameservers[1])
+Nameserver = Annotated[str, AfterValidator(_nameserver)]
+
+
+class DnsConfig(_Model):
+    """How the servers' names are resolved.
+
+    ``system`` is getaddrinfo: /etc/hosts first, then the system's DNS.  ``direct`` asks DNS
+    only and never reads /etc/hosts: in a Kubernetes pod the injector points the database
+    names at 127.0.0.1 in the pod's /etc/hosts (hostAliases), which every container shares,
+    so the sidecar must not read it or it would connect to itself.
+    """
+
+    mode: Literal["system", "direct"] = "system"
+    # direct: nameservers, search list and ndots (and options timeout/rotate) come from here
+    resolvConf: str = Field(default="/etc/resolv.conf", min_length=1)  # noqa: N815
+    # direct: these nameservers instead of resolvConf's ("ip", "ip:port", "[v6]:port")
+    nameservers: tuple[Nameserver, ...] = ()
+    # direct: a whole resolution (search list, A and AAAA) gives up after this long
+    timeout: Duration = 5.0
+
+    @model_validator(mode="after")
+    def _check(self) -> DnsConfig:
+        if self.mode == "system":
+            # Judged by value, not by presence: the effective config that ``dbmtls check`` prints
+            # (every field, defaults included) must load again.
+            for name in ("resolvConf", "nameservers", "timeout"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise FieldError(
+                        name,
+                        f"mode system resolves with getaddrinfo (/etc/hosts, then the system's DNS) "
+                        f"and ignores {name}: set mode: direct, or remove {name}",
+                    )
+        return self
+
+    @property
+    def nameserver_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_nameserver(n) for n in self.nameservers)
+
+
 class Config(_Model):
     databases: tuple[DatabaseConfig, ...] = ()
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    dns: DnsConfig = DnsConfig()
     drainTimeout: Duration = 30.0  # noqa: N815
     # At most this many app connections at once in the whole process.  None: as many as the
     # file descriptor limit allows (two descriptors each, some kept for the admin server).

@@ -23,6 +23,7 @@ from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.limits import Admission, Verdict, raise_fd_limit
 from dbmtls.proxy.notice import tell_app
+from dbmtls.proxy.resolver import make_resolver
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
 from dbmtls.proxy.upstream import Dialer
 
@@ -63,7 +64,8 @@ def _peer_name(ep: Endpoint) -> str:
 class Proxy:
     def __init__(self, config: Config, *, dialer: Dialer | None = None) -> None:
         self.config = config
-        dialer = dialer or Dialer()
+        dialer = dialer or Dialer(make_resolver(config.dns))
+        self.dialer = dialer
         self.fd_limits = raise_fd_limit()
         fd_limit = self.fd_limits[1]
         self.admission = Admission(config.maxConnections, fd_limit)
@@ -100,6 +102,27 @@ class Proxy:
                 LOG.error("TLS material not loaded", extra={"fields": {"db": rt.name, "error": exc.message}})
         return problems
 
+    def log_resolver(self) -> None:
+        """dns.mode direct: say where names will be asked, or why they cannot be (the start goes on:
+        each connection reports the problem, and a fixed resolv.conf is picked up when it changes)."""
+        resolver = self.dialer.resolver
+        if resolver is None:
+            return
+        setup = resolver.setup()
+        if setup.problem:
+            LOG.error(
+                "dns mode direct: names cannot be resolved",
+                extra={"fields": {"error": setup.problem}},
+            )
+            return
+        fields = {
+            "nameservers": ",".join(setup.nameservers),
+            "search": ",".join(setup.search) or "none",
+            "ndots": setup.ndots,
+            "resolv_conf": resolver.config.resolvConf,
+        }
+        LOG.info("dns mode direct: names are resolved through DNS only, never /etc/hosts", extra={"fields": fields})
+
     async def start(self) -> None:
         before, after = self.fd_limits
         LOG.info(
@@ -111,6 +134,7 @@ class Proxy:
                 }
             },
         )
+        self.log_resolver()
         self.load_material()
         loop = asyncio.get_running_loop()
         for rt in self.runtimes.values():

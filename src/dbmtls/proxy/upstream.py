@@ -7,6 +7,10 @@ becomes an error of the tree here, through :meth:`Dialer.failure`, the one
 boundary between the socket world and ``dbmtls.errors``; sessions only ever see
 ``DbmtlsError``.
 
+With ``dns.mode: direct`` the name is resolved here first, through DNS only
+(``dbmtls.proxy.resolver``), and the addresses are tried in order; the TLS names stay the
+configured ones.
+
 The dialer is an object on the database runtime so that the session tests can
 put a scripted server in its place (``tests/support/transcript.py``).
 """
@@ -20,6 +24,7 @@ import time
 from dbmtls.errors import DbmtlsError, PlaintextRefused, UpstreamError, UpstreamProtocolError
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer
+from dbmtls.proxy.resolver import DirectResolver, is_ip_literal
 from dbmtls.proxy.runtime import Conn
 from dbmtls.tls.context import check_peer_names, classify, needs_name_check
 
@@ -30,8 +35,22 @@ def target(conn: Conn) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _first_or_all(errors: list[OSError], hosts: tuple[str, ...]) -> OSError:
+    """One error for several failed addresses, as ``create_connection`` does for a list."""
+    if len(errors) == 1 or all(type(e) is type(errors[0]) for e in errors):
+        return errors[0]
+    return OSError(", ".join(f"{h}: {e.strerror or e}" for h, e in zip(hosts, errors, strict=False)))
+
+
 class Dialer:
     """TCP + TLS toward a database's server, with its timeouts and histograms."""
+
+    # dns.mode direct: names are resolved here, through DNS only (see dbmtls.proxy.resolver);
+    # None (mode system): the name goes to create_connection, i.e. getaddrinfo.
+    resolver: DirectResolver | None = None
+
+    def __init__(self, resolver: DirectResolver | None = None) -> None:
+        self.resolver = resolver
 
     def failure(self, conn: Conn, exc: BaseException) -> UpstreamError:
         """A foreign exception met while talking to the server, as an error of the tree.
@@ -50,10 +69,33 @@ class Dialer:
             return PlaintextRefused(f"{target(conn)} closed the connection without answering (tls.mode is DISABLE)")
         return classify(exc, target=target(conn), server_name=conn.rt.db.server_name)
 
-    async def open(self, conn: Conn, ep: Endpoint) -> None:
-        """The TCP connection itself: ``ep`` gets ``connection_made``.  Raises what the OS says."""
-        host, port = conn.rt.db.dial_target
+    async def addresses(self, conn: Conn) -> tuple[str, ...]:
+        """Where to connect: the dial target's host itself (an IP literal, or a name for
+        getaddrinfo in dns.mode system), or its addresses from DNS in mode direct.
+
+        Only the connect target changes: SNI and the names verified stay the configured ones.
+        """
+        host, _ = conn.rt.db.dial_target
+        if self.resolver is None or is_ip_literal(host):
+            return (host,)
+        return await self.resolver.resolve(host)
+
+    async def open(self, conn: Conn, ep: Endpoint, host: str) -> None:
+        """One TCP connection to ``host``: ``ep`` gets ``connection_made``.  Raises what the OS says."""
+        _, port = conn.rt.db.dial_target
         await asyncio.get_running_loop().create_connection(lambda: ep, host, port)
+
+    async def open_any(self, conn: Conn, ep: Endpoint, hosts: tuple[str, ...]) -> None:
+        """Try ``hosts`` in order until one connects (``ep`` is only touched by the one that does)."""
+        errors: list[OSError] = []
+        for host in hosts:
+            try:
+                await self.open(conn, ep, host)
+            except OSError as exc:
+                errors.append(exc)
+            else:
+                return
+        raise _first_or_all(errors, hosts)
 
     async def handshake(self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext) -> ssl.SSLObject | None:
         """The TLS handshake itself, on ``ep``'s transport; raises what OpenSSL says."""
@@ -80,15 +122,29 @@ class Dialer:
     async def connect(self, conn: Conn) -> Endpoint:
         db = conn.rt.db
         ep = Endpoint()
-        started = time.monotonic()
+        # Resolution (dns.mode direct) is bounded by dns.timeout and fails with its own error;
+        # connectTimeout then bounds the connection attempts, all addresses together, and the
+        # connect histogram times those only (in mode system getaddrinfo is inside, as before).
         try:
-            async with asyncio.timeout(db.connectTimeout):
-                await self.open(conn, ep)
-        except TimeoutError:
-            err = self.failure(conn, TimeoutError())
-            raise err.with_message(f"connecting to {target(conn)} timed out after {db.connectTimeout:g}s") from None
+            hosts = await self.addresses(conn)
+        except DbmtlsError:
+            raise
         except Exception as exc:
             raise self.failure(conn, exc) from None
+        started = time.monotonic()
+        host = db.dial_target[0]
+        resolved = f" ({host} resolved to {', '.join(hosts)})" if hosts != (host,) else ""
+        try:
+            async with asyncio.timeout(db.connectTimeout):
+                await self.open_any(conn, ep, hosts)
+        except TimeoutError:
+            err = self.failure(conn, TimeoutError())
+            raise err.with_message(
+                f"connecting to {target(conn)}{resolved} timed out after {db.connectTimeout:g}s"
+            ) from None
+        except Exception as exc:
+            err = self.failure(conn, exc)
+            raise (err.with_message(err.message + resolved) if resolved else err) from None
         conn.rt.stats.connect_seconds.observe(time.monotonic() - started)
         conn.upstream = ep
         return ep
