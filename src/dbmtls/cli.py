@@ -173,7 +173,7 @@ def wait(admin: str, timeout: str) -> None:
 @click.option(
     "-f", "--file", "files", multiple=True, help="YAML with DestinationRules (repeatable; other kinds ignored)."
 )
-@click.option("--image", default=None, help="Sidecar image to inject (default: dbmtls:VERSION).")
+@click.option("--image", default=None, help="Sidecar image to inject (default: dbmtls:VERSION, or $DBMTLS_IMAGE).")
 @click.option("--no-native-sidecar", is_flag=True, help="A regular container, not a native sidecar initContainer.")
 @click.option("--cluster-domain", default="cluster.local", show_default=True, help="For the names in hostAliases.")
 @click.option(
@@ -197,7 +197,7 @@ def webhook(
 ) -> None:
     """Run the mutating admission webhook that injects the sidecar into Pods (HTTPS, POST /inject)."""
     import asyncio
-    import dataclasses
+    import os
 
     from dbmtls.config.model import split_host_port
     from dbmtls.k8s import webhook as wh
@@ -219,9 +219,11 @@ def webhook(
         click.echo(f"dbmtls: config error: {exc}", err=True)
         sys.exit(2)
     setup_logging(log_level, log_format)
-    options = InjectOptions(native_sidecar=not no_native_sidecar, cluster_domain=cluster_domain)
-    if image:
-        options = dataclasses.replace(options, image=image)
+    options = InjectOptions(
+        image=image or os.environ.get("DBMTLS_IMAGE") or InjectOptions.image,  # as `dbmtls inject`
+        native_sidecar=not no_native_sidecar,
+        cluster_domain=cluster_domain,
+    )
     cert = wh.ServingCertificate(tls_cert, tls_key)
     try:
         cert.load()
