@@ -167,6 +167,83 @@ def wait(admin: str, timeout: str) -> None:
 
 
 @main.command()
+@click.option("--listen", required=True, help="Address to serve HTTPS on (host:port, e.g. 0.0.0.0:8443).")
+@click.option("--tls-cert", "tls_cert", required=True, help="Serving certificate (PEM); reloaded when it changes.")
+@click.option("--tls-key", "tls_key", required=True, help="Its private key (PEM).")
+@click.option(
+    "-f", "--file", "files", multiple=True, help="YAML with DestinationRules (repeatable; other kinds ignored)."
+)
+@click.option("--image", default=None, help="Sidecar image to inject (default: dbmtls:VERSION, or $DBMTLS_IMAGE).")
+@click.option("--no-native-sidecar", is_flag=True, help="A regular container, not a native sidecar initContainer.")
+@click.option("--cluster-domain", default="cluster.local", show_default=True, help="For the names in hostAliases.")
+@click.option(
+    "--watch/--no-watch",
+    default=None,
+    help="List and watch the cluster's DestinationRules (default: on when running in a pod).",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def webhook(
+    listen: str,
+    tls_cert: str,
+    tls_key: str,
+    files: tuple[str, ...],
+    image: str | None,
+    no_native_sidecar: bool,
+    cluster_domain: str,
+    watch: bool | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run the mutating admission webhook that injects the sidecar into Pods (HTTPS, POST /inject)."""
+    import asyncio
+    import os
+
+    from dbmtls.config.model import split_host_port
+    from dbmtls.k8s import webhook as wh
+    from dbmtls.k8s.inject import InjectOptions
+
+    try:
+        split_host_port(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    if watch is None:
+        watch = wh.in_cluster()
+    missing = wh.require_extras(watch=watch)
+    if missing:
+        click.echo(f"dbmtls: {missing}", err=True)
+        sys.exit(1)
+    try:
+        static = wh.load_rule_files(files)
+    except ValueError as exc:
+        click.echo(f"dbmtls: config error: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(log_level, log_format)
+    options = InjectOptions(
+        image=image or os.environ.get("DBMTLS_IMAGE") or InjectOptions.image,  # as `dbmtls inject`
+        native_sidecar=not no_native_sidecar,
+        cluster_domain=cluster_domain,
+    )
+    cert = wh.ServingCertificate(tls_cert, tls_key)
+    try:
+        cert.load()
+    except wh.CertificateError as exc:
+        click.echo(f"dbmtls: serving certificate: {exc}", err=True)
+        sys.exit(1)
+    watcher = None
+    if watch:
+        from dbmtls.k8s.watch import DestinationRuleWatcher
+
+        watcher = DestinationRuleWatcher()
+    try:
+        code = asyncio.run(wh.serve(listen, cert, wh.Mesh(static, watcher), options, watcher=watcher))
+    except OSError as exc:
+        click.echo(f"dbmtls: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
 @click.option(
     "-f",
     "--filename",
