@@ -7,6 +7,7 @@ change, regenerate with ``pytest tests/unit/test_inject.py --update-golden`` and
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,43 @@ def test_credential_volume_names_are_valid_and_distinct() -> None:
     assert names[0] == "dbmtls-cred-jinsu-tls"
     assert all(len(n) <= 63 and DNS1123_LABEL.match(n) for n in names), names
     assert len(set(names)) == 4
+
+
+def _pods_of(docs: list[Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, its pod template) for every document with a pod template."""
+    return [(d, _template(d)) for d in docs if isinstance(d, dict) and pod_spec(d) is not None]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
+def test_the_webhook_gives_each_pod_what_the_cli_gives_its_template(case: Path) -> None:
+    """Both paths run one function: the Pod the API server would create equals the CLI's template.
+
+    The webhook sees Pods, not their workloads, so a workload that opts in at its own level is
+    sent with the opt-in label on the Pod (as a webhook user writes it; docs/kubernetes.md).
+    """
+    from dbmtls.k8s import webhook
+    from support.admission import apply_answer, review
+
+    inputs = [d for d in yaml.safe_load_all(case.read_text()) if d]
+    expected = [d for d in yaml.safe_load_all(_inject_cli(case)) if d]
+    mesh = [d for d in inputs if d.get("kind") == "DestinationRule"]
+    options = InjectOptions(image="dbmtls:test", native_sidecar="--no-native-sidecar" not in _options(case))
+    compared = 0
+    for (obj, template), (_out, want) in zip(_pods_of(inputs), _pods_of(expected), strict=True):
+        meta = copy.deepcopy(template.get("metadata") or {})
+        obj_opt_in = {**(obj["metadata"].get("labels") or {}), **(obj["metadata"].get("annotations") or {})}
+        if "dbmtls.io/inject" in obj_opt_in and obj is not template:
+            meta.setdefault("labels", {}).setdefault("dbmtls.io/inject", obj_opt_in["dbmtls.io/inject"])
+        labels = meta.get("labels") or {}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": copy.deepcopy(template["spec"])}
+        request = review(pod)["request"]
+        request["namespace"] = obj["metadata"].get("namespace", "default")
+        verdict = webhook.review(request, mesh, options)
+        created = apply_answer(pod, verdict.review)
+        want_meta = copy.deepcopy(want.get("metadata") or {})
+        if labels.get("dbmtls.io/inject") is not None:
+            want_meta.setdefault("labels", {}).setdefault("dbmtls.io/inject", labels["dbmtls.io/inject"])
+        assert created["spec"] == want["spec"]
+        assert created["metadata"] == want_meta
+        compared += 1
+    assert compared
