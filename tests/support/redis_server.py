@@ -12,11 +12,19 @@ from support.net import free_port, wait_port
 
 class RedisTLS:
     def __init__(
-        self, workdir: Path, server: Pair, ca_cert: str, *, auth_clients: str = "yes", maxclients: int = 1000
+        self,
+        workdir: Path,
+        server: Pair,
+        ca_cert: str,
+        *,
+        auth_clients: str = "yes",
+        maxclients: int = 1000,
+        host: str = "127.0.0.1",
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (make setup installs it)")
-        self.port = free_port()
+        self.host = host  # another loopback address (127.0.0.2) tells it apart from the proxy's side
+        self.port = free_port(host)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"redis-{self.port}.log"
@@ -24,7 +32,7 @@ class RedisTLS:
             "redis-server",
             "--port", "0",
             "--tls-port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", host,
             "--tls-cert-file", server.cert,
             "--tls-key-file", server.key,
             "--tls-ca-cert-file", ca_cert,
@@ -40,7 +48,7 @@ class RedisTLS:
 
     def start(self) -> RedisTLS:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, host=self.host)
         return self
 
     def stop(self) -> None:
