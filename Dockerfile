@@ -30,6 +30,8 @@ RUN set -eu; \
     grep -q '^nonroot:' /etc/passwd || echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin' >> /etc/passwd
 
 FROM base AS build
+# scripts/image.sh prunes this stage's images once a build is done (they pile up otherwise)
+LABEL io.dbmtls.stage=build
 # the venv module and its bundled pip, needed here only (the runtime stage never gets them)
 RUN set -eu; \
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \

@@ -193,15 +193,31 @@ fi
 revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 hash=$(source_hash)
 say "building $IMAGE:$VERSION (network: $NETWORK, python $PY_VERSION)"
+previous=$(docker image inspect -f '{{.Id}}' "$IMAGE:$VERSION" 2>/dev/null || true)
 t0=$SECONDS
 # The classic builder: this daemon (20.10) with no buildx plugin has no BuildKit to offer.
 # The step output goes to build/image.log and is shown only when the build fails.
-DOCKER_BUILDKIT=0 docker build --network "$NETWORK" \
+DOCKER_BUILDKIT=0 docker build --force-rm --network "$NETWORK" \
   --build-arg BASE="$BASE" \
   --build-arg VERSION="$VERSION" \
   --build-arg REVISION="$revision" \
   --build-arg SOURCE_HASH="$hash" \
   -t "$IMAGE:$VERSION" -t "$IMAGE:latest" . > build/image.log 2>&1 \
-  || { tail -n 40 build/image.log >&2; die "docker build failed (whole output: build/image.log)"; }
+  || {
+    tail -n 40 build/image.log >&2
+    if grep -q CERTIFICATE_VERIFY_FAILED build/image.log; then
+      say "hint: pip inside the build does not trust this network's TLS (a proxy's CA is in the host's" \
+          "bundle only): let the host fill the wheelhouse (WHEELHOUSE=1, the default)"
+    fi
+    die "docker build failed (whole output: build/image.log)"
+  }
+# The image store must not grow with every rebuild (CI builds on each change of the sources):
+# drop the image this build replaced, unless something still uses or names it, and the build
+# stages (labelled in the Dockerfile; the next build redoes the venv step, about 10 s).
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE:$VERSION")" ] \
+   && [ "$(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null)" = 0 ]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
+docker image prune -f --filter label=io.dbmtls.stage=build >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE:$VERSION")
 say "built $IMAGE:$VERSION and $IMAGE:latest in $((SECONDS - t0))s (total $((SECONDS - start))s): $(numfmt --to=iec "$size") ($size bytes) uncompressed"
