@@ -69,17 +69,21 @@ def daemon_answers(timeout: float = 10.0) -> bool:
         return False
 
 
-def start_daemon(log_path: Path, timeout: float = DAEMON_START_TIMEOUT) -> subprocess.Popen[bytes]:
+def start_daemon(
+    log_path: Path, timeout: float = DAEMON_START_TIMEOUT, extra_args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     """``dockerd --iptables=false --bridge=none`` in the background, once ``docker info`` answers.
 
     No bridge and no iptables: that is how the daemon runs where the host's network cannot be
     reconfigured, and the tests need neither (containers use ``--network host`` or none).
+    ``extra_args`` (``--host``, ``--data-root``, ``--exec-root``, ``--pidfile``) make a daemon
+    apart from the default one; ``DOCKER_HOST`` then points the docker CLI at it.
     """
     if shutil.which("dockerd") is None:
         raise RuntimeError("dockerd is not installed (scripts/setup.sh installs docker.io as root)")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--bridge=none"],
+            ["dockerd", "--iptables=false", "--bridge=none", *extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C meant for pytest does not kill it mid-start
