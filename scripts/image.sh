@@ -143,9 +143,10 @@ say "base: $BASE"
 # build needs a network (for apt).  A base the daemon does not have yet is pulled by the build.
 base_python=""
 if has_image "$BASE"; then
+  # the version only when nothing is missing: python3, its venv module and the CA bundle
   base_python=$(docker run --rm --network none --entrypoint sh "$BASE" -c \
-    'python3 -c "import ensurepip, sys; print(\"%d.%d\" % sys.version_info[:2])" 2>/dev/null \
-     && test -s /etc/ssl/certs/ca-certificates.crt' 2>/dev/null || true)
+    'test -s /etc/ssl/certs/ca-certificates.crt \
+     && python3 -c "import ensurepip, sys; print(\"%d.%d\" % sys.version_info[:2])"' 2>/dev/null || true)
 fi
 PY_VERSION=${PY_VERSION:-${base_python:-3.11}}
 
@@ -172,8 +173,9 @@ if [ "$WHEELHOUSE" != 0 ]; then
   src=$(mktemp -d "${TMPDIR:-/tmp}/dbmtls-src.XXXXXX")
   cp -r pyproject.toml README.md src "$src/"
   rm -rf "$src"/src/*.egg-info
-  "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHEELS" "$src" 2> >(grep -v '^WARNING: Location' >&2) \
-    || { rm -rf "$src"; die "building the dbmtls wheel failed"; }
+  # (the build backend's chatter goes to build/wheel.log, shown when it fails)
+  "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHEELS" "$src" > build/wheel.log 2>&1 \
+    || { tail -n 30 build/wheel.log >&2; rm -rf "$src"; die "building the dbmtls wheel failed (build/wheel.log)"; }
   rm -rf "$src"
   "$PYTHON" -m pip download -q --dest "$WHEELS" --only-binary=:all: --implementation cp \
     --python-version "$PY_VERSION" "${platforms[@]}" "$WHEELS"/dbmtls-"$VERSION"-*.whl \
