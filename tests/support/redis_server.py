@@ -24,8 +24,8 @@ class RedisTLS:
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (make setup installs it)")
-        self.port = port or free_port()
-        self.bind = bind
+        self.port = port or free_port(bind)
+        self.bind = bind  # another loopback address (127.0.0.2) tells it apart from the proxy's side
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"redis-{self.port}.log"
