@@ -1,5 +1,5 @@
 # The two commands for a fresh machine:  make demo   and   make test
-.PHONY: setup demo test lint unit e2e bench clean
+.PHONY: setup demo test lint unit e2e bench image clean
 
 # setup runs again only when what it installs from changed (the stamp is newer otherwise);
 # `make clean` or deleting .venv forces it.
@@ -22,6 +22,10 @@ test: lint
 
 unit: setup
 	.venv/bin/pytest -q tests/unit
+
+# dbmtls:<version> and dbmtls:latest (docs/kubernetes.md, "The image"); IMAGE=, BASE= override
+image: setup
+	scripts/image.sh
 
 bench:
 	scripts/setup.sh bench

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client)
+want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client dnsmasq-base)
 if [ "${1:-}" = "bench" ]; then
   want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer)
 fi
@@ -25,6 +25,34 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "setup: missing OS packages (install them as root): ${missing[*]}" >&2
     exit 1
+  fi
+fi
+
+# Docker and debootstrap: the image tests build the container image (scripts/image.sh) and run
+# it. Checked by command, not package, so a docker-ce installation counts; only root installs
+# them, and without them those tests are skipped with the reason.
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+if ! have docker || ! have debootstrap; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    extra=()
+    have docker || extra+=(docker.io)
+    have debootstrap || extra+=(debootstrap)
+    echo "setup: installing OS packages: ${extra[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep apt from starting dockerd with its default bridge and iptables rules, which a
+    # container or a locked-down host may refuse (and a failed start fails the install): the
+    # tests start the daemon themselves, without either (tests/support/docker.py).
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy"
+      chmod +x "$policy"
+      trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${extra[@]}" >/dev/null
+    if [ "$(trap -p EXIT)" ]; then rm -f "$policy"; trap - EXIT; fi
+  else
+    echo "setup: docker or debootstrap missing: the container image tests will be skipped" >&2
   fi
 fi
 

@@ -11,6 +11,9 @@ from support.certs import PKI, make_pki
 from support.redis_server import RedisTLS
 from support.tls_echo import TLSEchoServer
 
+# docker_daemon, dbmtls_image, containers: the Docker fixtures, for any test that needs them
+pytest_plugins = ["support.docker"]
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:

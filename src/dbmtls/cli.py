@@ -301,6 +301,83 @@ def wait(admin: str, timeout: str) -> None:
 
 
 @main.command()
+@click.option("--listen", required=True, help="Address to serve HTTPS on (host:port, e.g. 0.0.0.0:8443).")
+@click.option("--tls-cert", "tls_cert", required=True, help="Serving certificate (PEM); reloaded when it changes.")
+@click.option("--tls-key", "tls_key", required=True, help="Its private key (PEM).")
+@click.option(
+    "-f", "--file", "files", multiple=True, help="YAML with DestinationRules (repeatable; other kinds ignored)."
+)
+@click.option("--image", default=None, help="Sidecar image to inject (default: dbmtls:VERSION, or $DBMTLS_IMAGE).")
+@click.option("--no-native-sidecar", is_flag=True, help="A regular container, not a native sidecar initContainer.")
+@click.option("--cluster-domain", default="cluster.local", show_default=True, help="For the names in hostAliases.")
+@click.option(
+    "--watch/--no-watch",
+    default=None,
+    help="List and watch the cluster's DestinationRules (default: on when running in a pod).",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def webhook(
+    listen: str,
+    tls_cert: str,
+    tls_key: str,
+    files: tuple[str, ...],
+    image: str | None,
+    no_native_sidecar: bool,
+    cluster_domain: str,
+    watch: bool | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run the mutating admission webhook that injects the sidecar into Pods (HTTPS, POST /inject)."""
+    import asyncio
+    import os
+
+    from dbmtls.config.model import split_host_port
+    from dbmtls.k8s import webhook as wh
+    from dbmtls.k8s.inject import InjectOptions
+
+    try:
+        split_host_port(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    if watch is None:
+        watch = wh.in_cluster()
+    missing = wh.require_extras(watch=watch)
+    if missing:
+        click.echo(f"dbmtls: {missing}", err=True)
+        sys.exit(1)
+    try:
+        static = wh.load_rule_files(files)
+    except ValueError as exc:
+        click.echo(f"dbmtls: config error: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(log_level, log_format)
+    options = InjectOptions(
+        image=image or os.environ.get("DBMTLS_IMAGE") or InjectOptions.image,  # as `dbmtls inject`
+        native_sidecar=not no_native_sidecar,
+        cluster_domain=cluster_domain,
+    )
+    cert = wh.ServingCertificate(tls_cert, tls_key)
+    try:
+        cert.load()
+    except wh.CertificateError as exc:
+        click.echo(f"dbmtls: serving certificate: {exc}", err=True)
+        sys.exit(1)
+    watcher = None
+    if watch:
+        from dbmtls.k8s.watch import DestinationRuleWatcher
+
+        watcher = DestinationRuleWatcher()
+    try:
+        code = asyncio.run(wh.serve(listen, cert, wh.Mesh(static, watcher), options, watcher=watcher))
+    except OSError as exc:
+        click.echo(f"dbmtls: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
 @click.option(
     "-f",
     "--filename",
@@ -403,6 +480,56 @@ def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | N
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"certificate written to {d}: {describe(Path(d) / 'tls.crt')}")
+
+
+@certs.command("k8s")
+@click.option("-n", "--namespace", required=True, help="Namespace of the Certificates (and of the database).")
+@click.option("--server", default=None, help="The database's Service name: a server Certificate for every name of it.")
+@click.option(
+    "--headless", multiple=True, help="A headless Service of the same pods (repeatable): adds *.NAME wildcards."
+)
+@click.option(
+    "--ip", "ips", multiple=True, help="An extra IP address for the server (repeatable; loopback is always in)."
+)
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    help="Client certificate CN (repeatable; Secret CN-tls); CN=NAME names the objects.",
+)
+@click.option(
+    "--ca-issuer", default=None, help="Sign with this existing Issuer (or clusterissuer/NAME) instead of printing a CA."
+)
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--rsa", is_flag=True, help="RSA 2048 (PKCS#1 keys, for old clients) instead of ECDSA P-256.")
+def certs_k8s(
+    namespace: str,
+    server: str | None,
+    headless: tuple[str, ...],
+    ips: tuple[str, ...],
+    clients: tuple[str, ...],
+    ca_issuer: str | None,
+    cluster_domain: str,
+    rsa: bool,
+) -> None:
+    """Print cert-manager manifests (multi-document YAML): a CA chain, a server and client Certificates."""
+    from dbmtls.k8s.certmanager import CertManagerError, K8sCerts, render
+
+    opts = K8sCerts(
+        namespace=namespace,
+        server=server,
+        headless=headless,
+        ips=ips,
+        clients=clients,
+        ca_issuer=ca_issuer,
+        cluster_domain=cluster_domain,
+        key_type="rsa" if rsa else "ecdsa",
+    )
+    try:
+        text = render(opts)
+    except CertManagerError as exc:
+        raise click.UsageError(exc.message) from None
+    click.echo(text, nl=False)
 
 
 @main.command()

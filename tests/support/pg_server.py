@@ -47,10 +47,12 @@ class PostgresTLS:
         ssl: bool = True,
         hba: str = DEFAULT_HBA,
         max_connections: int = 160,
+        listen: str = "127.0.0.1",
     ) -> None:
         if not (PG_BIN / "postgres").exists():
             raise RuntimeError(f"PostgreSQL 15 is not installed ({PG_BIN})")
-        self.port = free_port()
+        self.listen = listen  # another loopback address (127.0.0.3) tells it apart from the proxy's side
+        self.port = free_port(listen)
         self.root = Path(tempfile.mkdtemp(prefix="dbmtls-pg-"))
         self.data = self.root / "data"
         self.sockdir = self.root / "sock"
@@ -75,7 +77,7 @@ class PostgresTLS:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         conf = [
-            "listen_addresses = '127.0.0.1'",
+            f"listen_addresses = '{self.listen}'",
             f"port = {self.port}",
             f"unix_socket_directories = '{self.sockdir}'",
             f"max_connections = {self.max_connections}",

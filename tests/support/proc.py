@@ -26,6 +26,7 @@ class Dbmtls:
         admin: bool = False,
         args: tuple[str, ...] = (),
         nofile: int | None = None,
+        wrap: tuple[str, ...] = (),
     ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -36,6 +37,7 @@ class Dbmtls:
         self.admin_port = free_port() if admin else None
         self.args = args
         self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the process: fd exhaustion tests
+        self.wrap = wrap  # a command that execs the rest (e.g. unshare into a private /etc/hosts)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +47,18 @@ class Dbmtls:
 
     def start(self, wait_ports: tuple[int, ...] = ()) -> Dbmtls:
         admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else "off"
-        cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(self.config_path), "--admin", admin, *self.args]
+        cmd = [
+            *self.wrap,
+            sys.executable,
+            "-m",
+            "dbmtls",
+            "run",
+            "-c",
+            str(self.config_path),
+            "--admin",
+            admin,
+            *self.args,
+        ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 -- closed in stop()
         nofile = self.nofile
 

@@ -12,11 +12,20 @@ from support.net import free_port, wait_port
 
 class RedisTLS:
     def __init__(
-        self, workdir: Path, server: Pair, ca_cert: str, *, auth_clients: str = "yes", maxclients: int = 1000
+        self,
+        workdir: Path,
+        server: Pair,
+        ca_cert: str,
+        *,
+        auth_clients: str = "yes",
+        maxclients: int = 1000,
+        bind: str = "127.0.0.1",
+        port: int | None = None,
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (make setup installs it)")
-        self.port = free_port()
+        self.port = port or free_port(bind)
+        self.bind = bind  # another loopback address (127.0.0.2) tells it apart from the proxy's side
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"redis-{self.port}.log"
@@ -24,7 +33,7 @@ class RedisTLS:
             "redis-server",
             "--port", "0",
             "--tls-port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", bind,
             "--tls-cert-file", server.cert,
             "--tls-key-file", server.key,
             "--tls-ca-cert-file", ca_cert,
@@ -40,7 +49,7 @@ class RedisTLS:
 
     def start(self) -> RedisTLS:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, host=self.bind)
         return self
 
     def stop(self) -> None:

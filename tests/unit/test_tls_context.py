@@ -470,3 +470,13 @@ def test_attempt_changes_nothing_apply_swaps(pki: PKI, tmp_path: Path) -> None:
     tls.apply(bad)
     assert tls.material is good.material  # the old material stays
     assert (tls.last_failure, tls.last_error, tls.tried_fingerprint) == (bad.error, bad.error.message, bad.fingerprint)
+
+
+def test_a_key_in_a_kubernetes_secret_volume_does_not_warn(pki: PKI, tmp_path: Path) -> None:
+    """The kubelet sets those modes (0644, or 0440 with fsGroup); chmod is not the user's to do."""
+    from support.k8s_secret import make_secret_volume
+
+    files = {"tls.crt": Path(pki.client.cert).read_bytes(), "tls.key": Path(pki.client.key).read_bytes()}
+    volume = make_secret_volume(tmp_path / "secret", files, mode=0o644)
+    tls = _mutual(pki, cert=str(volume / "tls.crt"), key=str(volume / "tls.key"))
+    assert ClientTLS(_db(tmp_path, **tls)).build().warnings == ()

@@ -22,6 +22,7 @@ Everything else is left as it was.  See docs/kubernetes.md for the user's view.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -187,7 +188,7 @@ def _volumes(annotations: dict[str, str], rules: list[AppliedRule], config_map: 
     vols = _Volumes([], [])
     for rule in rules:
         for secret in rule.credentials:
-            name = f"dbmtls-cred-{secret}"[:63].rstrip("-.")
+            name = credential_volume(secret)
             if any(v["name"] == name for v in vols.pod):
                 continue
             vols.pod.append({"name": name, "secret": {"secretName": secret}})
@@ -204,6 +205,19 @@ def _volumes(annotations: dict[str, str], rules: list[AppliedRule], config_map: 
             )
         vols.mounts.append(mount)
     return vols
+
+
+def credential_volume(secret: str) -> str:
+    """The volume name for Secret ``secret``: a DNS-1123 label, unique per Secret.
+
+    A Secret name may hold dots and be 253 characters long, a volume name neither: such a name
+    is cleaned and cut, and a hash of the full name keeps two of them apart.
+    """
+    name = f"dbmtls-cred-{secret}"
+    if len(name) <= 63 and "." not in secret:
+        return name
+    digest = hashlib.sha256(secret.encode()).hexdigest()[:10]
+    return f"{name.replace('.', '-')[:52].rstrip('-')}-{digest}"
 
 
 def _grace(spec: dict[str, Any]) -> int:
@@ -333,7 +347,8 @@ def _generated_config(
                 db["listen"] = f"{_next_ip(used, port)}:{port}"
             if "dial" not in db and rule.service.namespace is not None:
                 # the rule's short name is read in the rule's namespace, not the pod's search list
-                db["dial"] = f"{rule.service.fqdn}:{port}"
+                # trailing dot: an absolute name skips the search list (ndots:5 would try 3 suffixes first)
+                db["dial"] = f"{rule.service.fqdn}.:{port}"
             name = db["name"] if db["name"] not in taken else f"{db['name']}.{rule.namespace}"
             db["name"] = name
             taken.add(name)

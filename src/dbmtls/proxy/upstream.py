@@ -7,6 +7,10 @@ becomes an error of the tree here, through :meth:`Dialer.failure`, the one
 boundary between the socket world and ``dbmtls.errors``; sessions only ever see
 ``DbmtlsError``.
 
+With ``dns.mode: direct`` the name is resolved here first, through DNS only
+(``dbmtls.proxy.resolver``), and the addresses are tried in order; the TLS names stay the
+configured ones.
+
 The dialer is an object on the database runtime so that the session tests can
 put a scripted server in its place (``tests/support/transcript.py``).
 """
@@ -118,17 +122,18 @@ class Dialer:
     async def connect(self, conn: Conn) -> Endpoint:
         db = conn.rt.db
         ep = Endpoint()
-        started = time.monotonic()
         # Resolution (dns.mode direct) is bounded by dns.timeout and fails with its own error;
-        # connectTimeout then bounds the connection attempts, all addresses together.
+        # connectTimeout then bounds the connection attempts, all addresses together, and the
+        # connect histogram times those only (in mode system getaddrinfo is inside, as before).
         try:
             hosts = await self.addresses(conn)
         except DbmtlsError:
             raise
         except Exception as exc:
             raise self.failure(conn, exc) from None
+        started = time.monotonic()
         host = db.dial_target[0]
-        resolved = f" ({host} is {', '.join(hosts)} in DNS)" if hosts != (host,) else ""
+        resolved = f" ({host} resolved to {', '.join(hosts)})" if hosts != (host,) else ""
         try:
             async with asyncio.timeout(db.connectTimeout):
                 await self.open_any(conn, ep, hosts)

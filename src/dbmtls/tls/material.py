@@ -117,12 +117,24 @@ def _info(kind: str, path: str, cert: x509.Certificate) -> CertInfo:
     return CertInfo(kind, path, cert.subject.rfc4514_string(), cert.serial_number, cert.not_valid_after_utc)
 
 
+def _in_kubernetes_volume(path: str) -> bool:
+    """Whether ``path`` is a file of a Secret/ConfigMap volume (the kubelet's ``..data`` layout).
+
+    The kubelet writes those files itself (0644 by default, or 0440 with an fsGroup so that a
+    non-root container can read them), and the volume is visible only to the containers that
+    mount it: "chmod 600 it" is advice that cannot be followed there, and not needed.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    data = os.path.join(parent, "..data")
+    return os.path.islink(data) and os.path.realpath(path).startswith(os.path.realpath(data) + os.sep)
+
+
 def key_permission_warning(path: str) -> str | None:
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and not _in_kubernetes_volume(path):
         return f"private key {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
     return None
 

@@ -1,6 +1,6 @@
 """``dns`` config, resolv.conf parsing, the error texts and when the resolver is (never) asked.
 
-The resolution itself, against a real DNS server, is in ``tests/e2e/test_dns.py``.
+The resolution itself, against a real DNS server, is in ``tests/e2e/test_dns_direct.py``.
 """
 
 from __future__ import annotations
@@ -383,3 +383,48 @@ def test_check_direct_with_ip_addresses_only_asks_nothing(tmp_path: Path) -> Non
     result = CliRunner().invoke(main, ["check", "-c", str(p)])
     assert result.exit_code == 0, result.output
     assert "nameservers 192.0.2.1; search " in result.stdout
+
+
+# --- trying the addresses ------------------------------------------------------------------------
+
+
+class Outcomes(Dialer):
+    """``open`` fails or succeeds per address, as the test says; records the order."""
+
+    def __init__(self, outcomes: dict[str, OSError | None]) -> None:
+        super().__init__()
+        self.outcomes = outcomes
+        self.tried: list[str] = []
+
+    async def open(self, conn: Conn, ep: Endpoint, host: str) -> None:
+        self.tried.append(host)
+        error = self.outcomes[host]
+        if error is not None:
+            raise error
+
+
+def _open_any(dialer: Outcomes, hosts: tuple[str, ...]) -> None:
+    config = Config.model_validate({"databases": [database()]})
+    conn = Conn(DatabaseRuntime(config.databases[0], dialer), Endpoint(), "test")
+    asyncio.run(dialer.open_any(conn, Endpoint(), hosts))
+
+
+def test_addresses_are_tried_in_order_until_one_connects() -> None:
+    dialer = Outcomes({"10.0.0.7": ConnectionRefusedError(111, "refused"), "10.0.0.8": None, "fd00::7": None})
+    _open_any(dialer, ("10.0.0.7", "10.0.0.8", "fd00::7"))
+    assert dialer.tried == ["10.0.0.7", "10.0.0.8"]
+
+
+def test_all_refused_is_refused() -> None:
+    dialer = Outcomes({"10.0.0.7": ConnectionRefusedError(111, "a"), "10.0.0.8": ConnectionRefusedError(111, "b")})
+    with pytest.raises(ConnectionRefusedError):
+        _open_any(dialer, ("10.0.0.7", "10.0.0.8"))
+    assert dialer.tried == ["10.0.0.7", "10.0.0.8"]
+
+
+def test_different_failures_are_all_named() -> None:
+    dialer = Outcomes(
+        {"10.0.0.7": ConnectionRefusedError(111, "Connection refused"), "fd00::7": OSError(101, "Network unreachable")}
+    )
+    with pytest.raises(OSError, match=r"^10\.0\.0\.7: Connection refused, fd00::7: Network unreachable$"):
+        _open_any(dialer, ("10.0.0.7", "fd00::7"))
