@@ -723,9 +723,10 @@ def test_a_port_where_the_app_speaks_tls_is_an_error(tmp_path: Path, port: dict[
     assert "set the annotation dbmtls.io/protocol on DestinationRule rule" in err.message
 
 
-def test_a_udp_port_is_skipped_with_a_note(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["UDP", "SCTP"])
+def test_a_port_that_is_not_tcp_is_skipped_with_a_note(tmp_path: Path, transport: str) -> None:
     explained = load(
-        tmp_path, svc("db", {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "pg", "port": 5432}), rule("db")
+        tmp_path, svc("db", {"name": "dns", "port": 53, "protocol": transport}, {"name": "pg", "port": 5432}), rule("db")
     )
     assert [(d.name, d.protocol) for d in explained.config.databases] == [("rule", "postgres")]
     assert any("port 53 of Service db is not TCP" in str(n) for n in explained.explanation.notes)

@@ -72,7 +72,7 @@ class Says(Enum):
     PROTOCOL = "protocol"  # a database dbmtls knows (or tcp for an HTTP-family port)
     NOTHING = "nothing"  # TCP, or a word nobody knows: Istio treats the bytes as opaque
     APP_TLS = "app-tls"  # TLS/HTTPS: the app already speaks TLS on this port
-    UDP = "udp"
+    UDP = "udp"  # or SCTP: not TCP, TLS does not apply
 
 
 # Istio's protocol names that carry HTTP: dbmtls does TLS origination for them as for any
@@ -84,9 +84,9 @@ _APP_TLS = frozenset({"https", "tls", "kubernetes.io/wss"})
 def protocol_word(word: str) -> tuple[Says, str | None]:
     """(what ``word`` says, the dbmtls protocol it names)."""
     w = word.strip().lower()
-    if w in ("tcp", "") or w == "sctp":
+    if w in ("tcp", ""):
         return Says.NOTHING, None
-    if w == "udp":
+    if w in ("udp", "sctp"):
         return Says.UDP, None
     if w in _APP_TLS:
         return Says.APP_TLS, None
@@ -364,8 +364,8 @@ def declared_protocol(service: MeshService, port: MeshPort) -> PortProtocol:
     name.  UDP/SCTP Service ports are not TCP at all.
     """
     if service.kind == "Service":
-        if port.protocol and port.protocol.upper() == "UDP":
-            return PortProtocol(None, "Service port protocol UDP", f"{port.path}.protocol", Says.UDP)
+        if port.protocol and port.protocol.upper() in ("UDP", "SCTP"):
+            return PortProtocol(None, f"Service port protocol {port.protocol}", f"{port.path}.protocol", Says.UDP)
         if port.app_protocol:
             says, proto = protocol_word(port.app_protocol)
             if says is not Says.NOTHING:
