@@ -726,7 +726,9 @@ def test_a_port_where_the_app_speaks_tls_is_an_error(tmp_path: Path, port: dict[
 @pytest.mark.parametrize("transport", ["UDP", "SCTP"])
 def test_a_port_that_is_not_tcp_is_skipped_with_a_note(tmp_path: Path, transport: str) -> None:
     explained = load(
-        tmp_path, svc("db", {"name": "dns", "port": 53, "protocol": transport}, {"name": "pg", "port": 5432}), rule("db")
+        tmp_path,
+        svc("db", {"name": "dns", "port": 53, "protocol": transport}, {"name": "pg", "port": 5432}),
+        rule("db"),
     )
     assert [(d.name, d.protocol) for d in explained.config.databases] == [("rule", "postgres")]
     assert any("port 53 of Service db is not TCP" in str(n) for n in explained.explanation.notes)
@@ -1113,3 +1115,26 @@ def test_overrides_repoint_certificates_of_a_rule_for_a_laptop(tmp_path: Path, p
         "path": "overrides.db.tls.privateKey",
     }
     assert db["provenance"]["listen"]["path"] == "overrides.db.listen"
+
+
+# --- the injector maps rules with the same semantics ----------------------------------------------------
+
+
+def test_the_injector_refuses_a_pod_whose_rules_leave_nothing_to_do() -> None:
+    """A DISABLE-only rule yields no database: a sidecar without one would never start."""
+    from dbmtls.k8s.inject import InjectError, InjectOptions, inject_object
+
+    disabled = rule("legacy-db", {"mode": "DISABLE"}, namespace="ns")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "annotations": {"dbmtls.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+    }
+    with pytest.raises(InjectError, match=r"leave dbmtls nothing to do .* no dbmtls.io/config annotation"):
+        inject_object(pod, [disabled], InjectOptions())
+    # a MUTUAL rule next to it is injected as before
+    mutual = rule("orders-postgres", {"mode": "MUTUAL", "credentialName": "pg-client"}, namespace="ns")
+    out = inject_object(pod, [disabled, mutual], InjectOptions())
+    (env,) = out["spec"]["initContainers"][0]["env"][:1]
+    assert [d["name"] for d in yaml.safe_load(env["value"])["databases"]] == ["rule"]

@@ -252,6 +252,14 @@ def _inject_pod(
         )
     volumes = _volumes(annotations, rules, config_map, where)
     config, aliases = _generated_config(rules, ns, inline, _grace(spec), where)
+    if not config.get("databases") and config_map is None:
+        # e.g. rules whose TLS is mode DISABLE: nothing to originate, and a sidecar without a
+        # database would not start
+        raise InjectError(
+            f"{where} asks for the dbmtls sidecar, but the DestinationRules that apply to it leave dbmtls "
+            f"nothing to do (no port with TLS to originate: mode DISABLE?) and it has no {CONFIG} annotation "
+            "naming a config with databases"
+        )
     _check_paths(config, volumes.mounts, where)
     volumes.pod = _new_volumes(spec, volumes.pod, where)
 
@@ -337,9 +345,12 @@ def _generated_config(
     for rule in rules:
         rule_name = f"DestinationRule {rule.namespace}/{rule.doc.get('metadata', {}).get('name', '?')}"
         try:
-            mapped = [m.raw for m in map_destination_rule(rule.doc, rule_name).databases]
+            result = map_destination_rule(rule.doc, rule_name)
         except ConfigError as exc:
             raise InjectError(f"{where}: {exc.message}") from None
+        for note in result.notes:
+            LOG.info("%s: %s", where, note)
+        mapped = [m.raw for m in result.databases]
         for db in mapped:
             _host, port = split_host_port(db["address"])
             listen = rule.doc.get("metadata", {}).get("annotations", {}).get("dbmtls.io/listen")
