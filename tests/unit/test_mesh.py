@@ -837,6 +837,12 @@ def test_no_port_anywhere_names_the_field_to_add(tmp_path: Path) -> None:
     assert "add portLevelSettings with a port.number, put the Service or ServiceEntry of db.example.com" in err.message
 
 
+def test_a_service_without_ports_is_named(tmp_path: Path) -> None:
+    err = error(tmp_path, se("pg", ["pg.example.com"]), rule("pg.example.com"))
+    assert (err.source, err.path) == (doc_n(tmp_path, 1), "spec.ports")
+    assert "ServiceEntry pg lists no ports, so nothing says where DestinationRule rule connects" in err.message
+
+
 def test_listen_and_address_annotations_with_several_ports(tmp_path: Path) -> None:
     ports = ({"name": "tcp-postgresql", "port": 5432}, {"name": "tcp-bouncer", "port": 6432})
     err = error(tmp_path, svc("pg", *ports), rule("pg", annotations={"dbmtls.io/listen": "127.0.0.1:15432"}))
@@ -913,6 +919,11 @@ def test_ambiguous_host_asks_for_the_namespace_and_a_serviceentry_wins_over_a_se
         ),
         (svc("x", {"name": "p", "port": "5432"}), "spec.ports[0].port", "port number"),
         ({**svc("x"), "apiVersion": "v2"}, "apiVersion", "unsupported Service apiVersion"),
+        (
+            {**se("x", ["db"]), "apiVersion": "networking.istio.io/v2"},
+            "apiVersion",
+            "unsupported ServiceEntry apiVersion",
+        ),
     ],
 )
 def test_malformed_services_and_serviceentries(tmp_path: Path, doc: dict[str, Any], path: str, message: str) -> None:

@@ -533,13 +533,19 @@ def _targets(rule: _Rule, service: MeshService | None, notes: list[Note]) -> lis
         targets.append(_Target(number, origin, tls, tls_path, mp, pls, pls_path, number == default_port))
 
     if not targets and rule_tls is not None and rule_tls["mode"] != "DISABLE":
-        kinds = ", ".join(REGISTRY.names)
+        if service is not None:
+            raise ConfigError(
+                f"{service.title} lists no ports, so nothing says where DestinationRule {rule.name} connects: "
+                "add its ports",
+                source=service.source,
+                path="spec.ports",
+            )
         raise _err(
             src,
             "spec.trafficPolicy.portLevelSettings",
             f"cannot tell which port of {rule.host} to connect to: add portLevelSettings with a port.number, "
             f"put the Service or ServiceEntry of {rule.host} among the inputs, or name a protocol with a default "
-            f"port in the annotation {ANNOTATION_PROTOCOL}: <{kinds.replace(', ', '|')}>",
+            f"port in the annotation {ANNOTATION_PROTOCOL}: <{'|'.join(REGISTRY.names)}>",
         )
     return targets
 

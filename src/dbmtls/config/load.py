@@ -37,7 +37,7 @@ from dbmtls.config.destinationrule import (
     map_destination_rule,
 )
 from dbmtls.config.explain import DatabaseExplanation, Explanation, Note, Origin
-from dbmtls.config.mesh import ISTIO_API_VERSIONS, MeshIndex
+from dbmtls.config.mesh import MeshIndex
 from dbmtls.config.model import Config, DatabaseConfig, FieldError, split_host_port
 from dbmtls.errors import ConfigError
 
@@ -207,7 +207,7 @@ def config_from_documents(documents: Iterable[tuple[dict[str, Any], str]], sourc
     return explain_documents(documents, sources).config
 
 
-_MESH_KINDS = ("ServiceEntry", "Service")
+ISTIO_GROUP = "networking.istio.io/"
 
 
 def explain_documents(documents: Iterable[tuple[dict[str, Any], str]], sources: str) -> Explained:
@@ -222,7 +222,7 @@ def explain_documents(documents: Iterable[tuple[dict[str, Any], str]], sources: 
             ordered.append(("config", doc, src))
         elif is_destination_rule(doc):
             ordered.append(("rule", doc, src))
-        elif kind in _MESH_KINDS and (kind == "Service" or doc.get("apiVersion") in ISTIO_API_VERSIONS):
+        elif kind == "Service" or (kind == "ServiceEntry" and str(doc.get("apiVersion")).startswith(ISTIO_GROUP)):
             mesh.add(doc, src)
         else:
             collected.notes.append(Note(f"{_title(doc)}: not used by dbmtls, skipped", src))
