@@ -279,10 +279,44 @@ def test_traffic_policies_istio_rejects(tmp_path: Path, policy: dict[str, Any], 
     assert message in err.message
 
 
-def test_a_subset_needs_a_name(tmp_path: Path) -> None:
-    spec = {"host": "pg", "trafficPolicy": {"tls": MUTUAL}, "subsets": [{"labels": {"v": "1"}}]}
-    err = error(tmp_path, dr(spec))
-    assert err.path == "spec.subsets[0].name"
+@pytest.mark.parametrize(
+    ("extra", "path", "message"),
+    [
+        ({"subsets": [{"labels": {"v": "1"}}]}, "spec.subsets[0].name", "a subset needs a name"),
+        ({"subsets": [{"name": "v1"}, {"name": "v1"}]}, "spec.subsets[1].name", "duplicate subset name"),
+        ({"exportTo": [".", "shop"]}, "spec.exportTo", "duplicate entries in exportTo"),
+        ({"exportTo": ["*", "other"]}, "spec.exportTo", "cannot have both public (*) and non-public"),
+        (
+            {"exportTo": ["other"], "workloadSelector": {"matchLabels": {"app": "a"}}},
+            "spec.exportTo",
+            "a rule with a workloadSelector applies only in its own namespace",
+        ),
+        (
+            {"workloadSelector": {"matchLabels": {"app": "web-*"}}},
+            "spec.workloadSelector.matchLabels.app",
+            "wildcard is not supported",
+        ),
+    ],
+)
+def test_subsets_and_selection_istio_rejects(tmp_path: Path, extra: dict[str, Any], path: str, message: str) -> None:
+    spec = {"host": "pg", "trafficPolicy": {"tls": MUTUAL}, **extra}
+    err = error(tmp_path, dr(spec, namespace="shop"))
+    assert err.path == path
+    assert message in err.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"exportTo": ["."]},
+        {"exportTo": ["shop"], "workloadSelector": {"matchLabels": {"app": "a"}}},
+        {"exportTo": ["*"]},
+        {"exportTo": ["shop", "other"]},
+        {"subsets": [{"name": "v1"}, {"name": "v2", "labels": {"version": "v2"}}]},
+    ],
+)
+def test_subsets_and_selection_istio_accepts(tmp_path: Path, extra: dict[str, Any]) -> None:
+    assert one(tmp_path, dr({"host": "orders-postgres", "trafficPolicy": {"tls": MUTUAL}, **extra}, namespace="shop"))
 
 
 # --- unknown keys, at every level -----------------------------------------------------------------------

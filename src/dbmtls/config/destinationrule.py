@@ -382,11 +382,54 @@ def _istio_validation(rule: _Rule) -> None:
                 raise _err(src, f"{path}.port.number", "portLevelSettings entries need a port number 1-65535")
             if not set(pls) - {"port"}:
                 raise _err(src, path, "port traffic policy must have at least one field besides port (as in Istio)")
+    names: dict[str, int] = {}
     for i, subset in enumerate(rule.spec.get("subsets") or []):
         if not isinstance((subset or {}).get("name"), str) or not subset["name"]:
             raise _err(src, f"spec.subsets[{i}].name", "a subset needs a name (as in Istio)")
+        if subset["name"] in names:
+            raise _err(src, f"spec.subsets[{i}].name", f"duplicate subset name (spec.subsets[{names[subset['name']]}])")
+        names[subset["name"]] = i
+    _validate_selection(rule)
     for tls, path in _tls_blocks(rule.policy, "spec.trafficPolicy"):
         _validate_tls(tls, src, path)
+
+
+def _validate_selection(rule: _Rule) -> None:
+    """``exportTo`` and ``workloadSelector`` as Istio validates them (validateExportTo,
+    validateWorkloadSelector): dbmtls ignores them, but the Kubernetes injector applies them, and
+    a rule ``kubectl apply`` would refuse must not work here."""
+    src, spec = rule.source, rule.spec
+    export = spec.get("exportTo")
+    if export is not None:
+        if not isinstance(export, list) or not all(isinstance(e, str) and e for e in export):
+            raise _err(src, "spec.exportTo", "must be a list of namespaces, '.' or '*'")
+        own = {".", rule.namespace} if rule.namespace else {"."}
+        seen = [rule.namespace if e == "." and rule.namespace else e for e in export]
+        if len(set(seen)) != len(seen):
+            raise _err(src, "spec.exportTo", "duplicate entries in exportTo (as in Istio)")
+        if "*" in export and len(export) > 1:
+            raise _err(src, "spec.exportTo", "cannot have both public (*) and non-public exportTo values (as in Istio)")
+        # without a metadata.namespace, a single namespace may well be the rule's own
+        beyond = set(export) - own if rule.namespace else set(export) & {"*"}
+        if spec.get("workloadSelector") is not None and (beyond or len(export) > 1):
+            raise _err(
+                src,
+                "spec.exportTo",
+                "a rule with a workloadSelector applies only in its own namespace: exportTo may only be '.' "
+                "(as in Istio)",
+            )
+    selector = spec.get("workloadSelector")
+    if selector is not None:
+        labels = selector.get("matchLabels") or {}
+        if not isinstance(labels, dict):
+            raise _err(src, "spec.workloadSelector.matchLabels", "must be a mapping of label to value")
+        for key, value in labels.items():
+            if not key or "*" in str(key) or "*" in str(value):
+                raise _err(
+                    src,
+                    f"spec.workloadSelector.matchLabels.{key}",
+                    "an empty key or a wildcard is not supported in a selector (as in Istio)",
+                )
 
 
 def _validate_tls(tls: dict[str, Any], src: str, path: str) -> None:
