@@ -315,15 +315,30 @@ def certs() -> None:
     """A development PKI: a CA and certificates shaped like cert-manager Secrets (tls.crt, tls.key, ca.crt)."""
 
 
+def _refuse_overwrite(out: Path, names: tuple[str, ...], force: bool, what: str) -> None:
+    """Never replace key material by surprise: a second `certs` run must say so and stop."""
+    present = [n for n in names if (out / n).exists()]
+    if present and not force:
+        raise click.ClickException(f"{out} {what} ({', '.join(present)}): use another --out, or --force to replace it")
+
+
 @certs.command("ca")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write to.")
 @click.option("--cn", default="dbmtls dev CA", show_default=True)
 @click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
 @click.option("--days", default=3650, show_default=True)
-def certs_ca(out: str, cn: str, rsa: bool, days: int) -> None:
+@click.option("--force", is_flag=True, help="Replace a CA already in --out (everything it issued stops verifying).")
+def certs_ca(out: str, cn: str, rsa: bool, days: int, force: bool) -> None:
     """Create a CA (ca.crt, ca.key)."""
     from dbmtls.pki import create_ca, describe
 
+    _refuse_overwrite(
+        Path(out),
+        ("ca.crt", "ca.key"),
+        force,
+        "holds a CA already; a new one would make every certificate it issued fail verification "
+        "(and a running dbmtls would reload it)",
+    )
     d = create_ca(out, common_name=cn, key_type="rsa" if rsa else "ecdsa", days=days)
     click.echo(f"CA written to {d}: {describe(Path(d) / 'ca.crt')}")
 
@@ -335,12 +350,16 @@ def certs_ca(out: str, cn: str, rsa: bool, days: int) -> None:
 @click.option("--client", "client", default=None, help="Client certificate common name (e.g. the DB user).")
 @click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
 @click.option("--days", default=90, show_default=True)
-def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | None, rsa: bool, days: int) -> None:
+@click.option("--force", is_flag=True, help="Replace a certificate already in --out (a running dbmtls reloads it).")
+def certs_issue(
+    ca_dir: str, out: str, servers: tuple[str, ...], client: str | None, rsa: bool, days: int, force: bool
+) -> None:
     """Issue a server (--server) and/or client (--client) certificate signed by the CA."""
     from dbmtls.pki import describe, issue
 
     if not servers and not client:
         raise click.UsageError("give --server NAME (repeatable) and/or --client CN")
+    _refuse_overwrite(Path(out), ("tls.crt", "tls.key"), force, "holds a certificate already")
     try:
         d = issue(ca_dir, out, server_names=servers, client_cn=client, key_type="rsa" if rsa else "ecdsa", days=days)
     except (ConfigError, ValueError) as exc:
