@@ -92,7 +92,13 @@ class App:
             loop.add_signal_handler(sig, functools.partial(self.request_shutdown, name, from_signal=True))
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request, "SIGHUP")
         await self._start_extras()
-        LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
+        problems = self.readiness()
+        if problems:
+            # listening, but /readyz says 503: say so here too (the reloader logs the material
+            # when it arrives, and /readyz turns 200 then)
+            LOG.warning("started, not ready", extra={"fields": {"problems": "; ".join(problems)}})
+        else:
+            LOG.info("ready", extra={"fields": {"databases": len(self.proxy.runtimes)}})
         await self.proxy.stopped.wait()
         await self._stop_extras()
         LOG.info("stopped")

@@ -37,17 +37,27 @@ def main() -> None:
     """dbmtls: the app talks plaintext to localhost, dbmtls talks verified mutual TLS to the database."""
 
 
-@main.command()
+@main.command(short_help="Print the version.")
 def version() -> None:
     """Print the version."""
     click.echo(f"dbmtls {__version__}")
 
 
-@main.command()
+@main.command(short_help="Run the proxy in the foreground (SIGTERM drains, exit 0).")
 @click.option("-c", "--config", "configs", multiple=True, required=True, help=CONFIG_HELP)
 @click.option("--admin", "admin", default=None, help="Admin server address (host:port), or 'off'.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Log level (default: the config's log.level, else info).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log format; json for log collectors (default: the config's log.format, else text).",
+)
 def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run the proxy in the foreground (logs to stderr; SIGTERM drains and exits 0)."""
     config = _load(configs)
@@ -72,7 +82,7 @@ def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_
     sys.exit(code)
 
 
-@main.command()
+@main.command(short_help="Validate config and certificate files; print the result.")
 @click.option("-c", "--config", "configs", multiple=True, required=True, help=CONFIG_HELP)
 @click.option(
     "--json",
@@ -266,7 +276,7 @@ def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-@main.command()
+@main.command(short_help="Exit 0 once a running dbmtls is ready (/readyz is 200).")
 @click.option("--admin", "admin", default="127.0.0.1:15000", show_default=True, help="Admin server address.")
 @click.option("--timeout", "timeout", default="30s", show_default=True, help="How long to wait (e.g. 30s, 2m).")
 def wait(admin: str, timeout: str) -> None:
@@ -300,7 +310,7 @@ def wait(admin: str, timeout: str) -> None:
         time.sleep(0.2)
 
 
-@main.command()
+@main.command(short_help="Run the Kubernetes admission webhook that injects sidecars.")
 @click.option("--listen", required=True, help="Address to serve HTTPS on (host:port, e.g. 0.0.0.0:8443).")
 @click.option("--tls-cert", "tls_cert", required=True, help="Serving certificate (PEM); reloaded when it changes.")
 @click.option("--tls-key", "tls_key", required=True, help="Its private key (PEM).")
@@ -315,8 +325,12 @@ def wait(admin: str, timeout: str) -> None:
     default=None,
     help="List and watch the cluster's DestinationRules (default: on when running in a pod).",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", help="Log level."
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", help="Log format; json for log collectors."
+)
 def webhook(
     listen: str,
     tls_cert: str,
@@ -377,7 +391,7 @@ def webhook(
     sys.exit(code)
 
 
-@main.command()
+@main.command(short_help="Add the sidecar to Kubernetes YAML (like istioctl kube-inject).")
 @click.option(
     "-f",
     "--filename",
@@ -403,7 +417,12 @@ def webhook(
     help="Native sidecar (initContainer, restartPolicy Always; Kubernetes >= 1.29) or a plain container.",
 )
 @click.option("--namespace", "-n", default="default", show_default=True, help="Namespace of objects that name none.")
-@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option(
+    "--cluster-domain",
+    default="cluster.local",
+    show_default=True,
+    help="The cluster's DNS domain, for the names in hostAliases.",
+)
 def inject(
     files: tuple[TextIO, ...],
     mesh_files: tuple[TextIO, ...],
@@ -444,37 +463,68 @@ def inject(
     click.echo(dump_all(out), nl=False)
 
 
-@main.group()
+@main.group(short_help="A development PKI, and cert-manager manifests.")
 def certs() -> None:
     """A development PKI: a CA and certificates shaped like cert-manager Secrets (tls.crt, tls.key, ca.crt)."""
 
 
-@certs.command("ca")
+def _refuse_overwrite(out: Path, names: tuple[str, ...], force: bool, what: str) -> None:
+    """Never replace key material by surprise: a second `certs` run must say so and stop."""
+    present = [n for n in names if (out / n).exists()]
+    if present and not force:
+        raise click.ClickException(f"{out} {what} ({', '.join(present)}): use another --out, or --force to replace it")
+
+
+@certs.command("ca", short_help="Create a CA (ca.crt, ca.key).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write to.")
-@click.option("--cn", default="dbmtls dev CA", show_default=True)
+@click.option("--cn", default="dbmtls dev CA", show_default=True, help="The CA certificate's common name.")
 @click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
-@click.option("--days", default=3650, show_default=True)
-def certs_ca(out: str, cn: str, rsa: bool, days: int) -> None:
+@click.option("--days", default=3650, show_default=True, help="Validity in days.")
+@click.option("--force", is_flag=True, help="Replace a CA already in --out (everything it issued stops verifying).")
+def certs_ca(out: str, cn: str, rsa: bool, days: int, force: bool) -> None:
     """Create a CA (ca.crt, ca.key)."""
     from dbmtls.pki import create_ca, describe
 
+    _refuse_overwrite(
+        Path(out),
+        ("ca.crt", "ca.key"),
+        force,
+        "holds a CA already; a new one would make every certificate it issued fail verification "
+        "(and a running dbmtls would reload it)",
+    )
     d = create_ca(out, common_name=cn, key_type="rsa" if rsa else "ecdsa", days=days)
     click.echo(f"CA written to {d}: {describe(Path(d) / 'ca.crt')}")
 
 
-@certs.command("issue")
-@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@certs.command("issue", short_help="Issue a server and/or client certificate from a CA.")
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="Directory of the CA (from certs ca).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write tls.crt, tls.key and ca.crt to.",
+)
 @click.option("--server", "servers", multiple=True, help="Server name or IP (repeatable).")
 @click.option("--client", "client", default=None, help="Client certificate common name (e.g. the DB user).")
 @click.option("--rsa", is_flag=True, help="RSA 2048 instead of ECDSA P-256.")
-@click.option("--days", default=90, show_default=True)
-def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | None, rsa: bool, days: int) -> None:
+@click.option("--days", default=90, show_default=True, help="Validity in days.")
+@click.option("--force", is_flag=True, help="Replace a certificate already in --out (a running dbmtls reloads it).")
+def certs_issue(
+    ca_dir: str, out: str, servers: tuple[str, ...], client: str | None, rsa: bool, days: int, force: bool
+) -> None:
     """Issue a server (--server) and/or client (--client) certificate signed by the CA."""
     from dbmtls.pki import describe, issue
 
     if not servers and not client:
         raise click.UsageError("give --server NAME (repeatable) and/or --client CN")
+    _refuse_overwrite(Path(out), ("tls.crt", "tls.key"), force, "holds a certificate already")
     try:
         d = issue(ca_dir, out, server_names=servers, client_cn=client, key_type="rsa" if rsa else "ecdsa", days=days)
     except (ConfigError, ValueError) as exc:
@@ -482,7 +532,7 @@ def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | N
     click.echo(f"certificate written to {d}: {describe(Path(d) / 'tls.crt')}")
 
 
-@certs.command("k8s")
+@certs.command("k8s", short_help="Print cert-manager Issuers and Certificates.")
 @click.option("-n", "--namespace", required=True, help="Namespace of the Certificates (and of the database).")
 @click.option("--server", default=None, help="The database's Service name: a server Certificate for every name of it.")
 @click.option(
@@ -500,7 +550,7 @@ def certs_issue(ca_dir: str, out: str, servers: tuple[str, ...], client: str | N
 @click.option(
     "--ca-issuer", default=None, help="Sign with this existing Issuer (or clusterissuer/NAME) instead of printing a CA."
 )
-@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--cluster-domain", default="cluster.local", show_default=True, help="The cluster's DNS domain.")
 @click.option("--rsa", is_flag=True, help="RSA 2048 (PKCS#1 keys, for old clients) instead of ECDSA P-256.")
 def certs_k8s(
     namespace: str,
@@ -532,7 +582,7 @@ def certs_k8s(
     click.echo(text, nl=False)
 
 
-@main.command()
+@main.command(short_help="The README story on this machine, end to end.")
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (certificates, logs).")
 def demo(keep: bool) -> None:
     """The seed scenario on this machine: mTLS-only Redis refuses plaintext; through dbmtls it answers."""

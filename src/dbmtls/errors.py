@@ -122,6 +122,10 @@ class DbmtlsError(Exception):
         """A copy with a more precise message (e.g. naming the server that failed)."""
         return self._replace(message=message)
 
+    def with_hint(self, hint: str) -> Self:
+        """A copy with a hint that knows more of the context than the class's default."""
+        return self._replace(hint=hint)
+
     def wire_text(self, prefix: str = "dbmtls") -> str:
         """The one-line ASCII text shown to the application."""
         where = f"[{self._database}] " if self._database else ""

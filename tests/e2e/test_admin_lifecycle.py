@@ -178,6 +178,9 @@ def test_readiness_follows_missing_cert_then_recovers(pki: PKI, redis_tls: Redis
         status, body = _get(proxy.admin_url + "/readyz")
         assert status == 503
         assert "tls.crt" in body and "not found" in body
+        # the log agrees with /readyz: no "ready" line while it answers 503
+        line = proxy.wait_line(r"started, not ready")
+        assert "tls.crt" in line and "not found" in line
         with pytest.raises(redis.ResponseError, match="TLS material is not loaded"):
             redis.Redis(port=port).ping()
         wait = subprocess.run(

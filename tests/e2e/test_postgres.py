@@ -128,6 +128,7 @@ def dbmtls(
         **{f"fake-{m}": {"address": f"localhost:{f.port}", "tls": tls_block(pki)} for m, f in fakes.items()},
     }
     specs["fake-direct_tls"]["directTls"] = True
+    specs["direct-on-15"] = {"address": f"localhost:{pg.port}", "tls": tls_block(pki), "directTls": True}
     ports = {name: free_port() for name in specs}
     config = {
         "databases": [
@@ -604,3 +605,11 @@ def test_cockroachdb_config_and_destination_rule(tmp_path: Path, pki: PKI) -> No
     )
     (ported,) = load_config([by_port]).databases
     assert (ported.protocol, ported.upstream) == ("cockroachdb", ("cockroachdb-public", 26257))
+
+
+def test_direct_tls_against_a_server_before_17_says_so(dbmtls: Setup) -> None:
+    """PostgreSQL 15 hangs up on a ClientHello without a word; the app is told why and what to set."""
+    out = psql(dbmtls.conninfo("direct-on-15"), "select 1")
+    assert out.returncode != 0
+    assert "directTls needs PostgreSQL 17 or later" in out.stderr, out.stderr
+    assert "directTls: false" in out.stderr

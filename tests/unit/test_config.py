@@ -671,3 +671,15 @@ def test_config_from_an_environment_variable(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(ConfigError, match="environment variable not set") as err:
         load_config(["env:DBMTLS_TEST_CONFIG"])
     assert "env:DBMTLS_TEST_CONFIG" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["off", "false", "no", "'off'"])
+def test_admin_listen_off_unquoted(tmp_path: Path, value: str) -> None:
+    """YAML 1.1 reads `off` as false; `admin: {listen: off}` must still switch the admin server off."""
+    config = load_config([write(tmp_path, "c.yaml", f"admin:\n  listen: {value}\n  publicListen: {value}\n")])
+    assert config.admin.listen == "off" and config.admin.publicListen == "off"
+
+
+def test_admin_listen_true_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"admin\.listen"):
+        load_config([write(tmp_path, "c.yaml", "admin:\n  listen: on\n")])

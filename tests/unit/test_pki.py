@@ -331,3 +331,29 @@ def test_server_only_cert_cannot_be_used_as_client(ca_dir: Path, server_dir: Pat
     # EKU serverAuth only: OpenSSL's server refuses it as a client certificate.
     with pytest.raises(ssl.SSLCertVerificationError, match="unsuitable certificate purpose"):
         _handshake(_server_ctx(server_dir, ca_dir), _client_ctx(ca_dir, server_dir), "localhost")
+
+
+def test_certs_commands_never_overwrite_key_material_without_force(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dbmtls.cli import main
+
+    run = CliRunner().invoke
+    ca = tmp_path / "ca"
+    assert run(main, ["certs", "ca", "--out", str(ca)]).exit_code == 0
+    before = (ca / "ca.key").read_bytes()
+    again = run(main, ["certs", "ca", "--out", str(ca)])
+    assert again.exit_code == 1
+    assert "holds a CA already" in again.output and "--force" in again.output
+    assert (ca / "ca.key").read_bytes() == before
+    assert run(main, ["certs", "ca", "--out", str(ca), "--force"]).exit_code == 0
+    assert (ca / "ca.key").read_bytes() != before
+
+    leaf = ["certs", "issue", "--ca", str(ca), "--out", str(tmp_path / "client"), "--client", "jinsu"]
+    assert run(main, leaf).exit_code == 0
+    cert = (tmp_path / "client" / "tls.crt").read_bytes()
+    refused = run(main, leaf)
+    assert refused.exit_code == 1 and "holds a certificate already" in refused.output
+    assert (tmp_path / "client" / "tls.crt").read_bytes() == cert
+    assert run(main, [*leaf, "--force"]).exit_code == 0
+    assert (tmp_path / "client" / "tls.crt").read_bytes() != cert

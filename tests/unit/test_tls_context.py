@@ -480,3 +480,35 @@ def test_a_key_in_a_kubernetes_secret_volume_does_not_warn(pki: PKI, tmp_path: P
     volume = make_secret_volume(tmp_path / "secret", files, mode=0o644)
     tls = _mutual(pki, cert=str(volume / "tls.crt"), key=str(volume / "tls.key"))
     assert ClientTLS(_db(tmp_path, **tls)).build().warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("cert", "holds a certificate, not a private key (clientCertificate and privateKey swapped?"),
+        ("empty", "holds no PEM private key"),
+        ("encrypted", "is encrypted with a passphrase"),
+    ],
+)
+def test_a_key_file_that_is_not_a_key_says_what_it_is(pki: PKI, tmp_path: Path, content: str, message: str) -> None:
+    """OpenSSL only says "[SSL] PEM lib"; the user needs to know which file is wrong and how."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = tmp_path / "tls.key"
+    if content == "cert":
+        shutil.copy(pki.client.cert, key)
+    elif content == "empty":
+        key.write_bytes(b"")
+    else:
+        loaded = serialization.load_pem_private_key(Path(pki.client.key).read_bytes(), None)
+        key.write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+    key.chmod(0o600)
+    err = _build_error(tmp_path, **_mutual(pki, key=str(key)))
+    assert message in err.message and str(key) in err.message
+    assert "PEM lib" not in err.message

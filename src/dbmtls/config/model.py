@@ -247,6 +247,12 @@ class AdminConfig(_Model):
     # exposing /quitquitquit and /loglevel there.  "off": none.
     publicListen: str = "off"  # noqa: N815
 
+    @field_validator("listen", "publicListen", mode="before")
+    @classmethod
+    def _off(cls, v: object) -> object:
+        # YAML 1.1 reads an unquoted `off` (and `no`, `false`) as a boolean: mean what was written
+        return "off" if v is False else v
+
     @field_validator("listen", "publicListen")
     @classmethod
     def _listen(cls, v: str) -> str:

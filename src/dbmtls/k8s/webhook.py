@@ -79,6 +79,7 @@ from prometheus_client.registry import Collector
 from dbmtls.config.model import split_host_port
 from dbmtls.k8s.inject import InjectError, InjectOptions, inject_object
 from dbmtls.logs import LOG
+from dbmtls.tls.context import EncryptedKey, no_passphrase
 
 MAX_HEAD = 16 * 1024
 # The API server refuses requests over 3 MiB (its etcd object limit is 1.5 MiB), so no Pod it
@@ -330,7 +331,9 @@ def server_context(cert_file: str, key_file: str) -> LoadedCert:
     # The API server's Go client offers h2 and http/1.1; this server speaks the latter only.
     ctx.set_alpn_protocols(["http/1.1"])
     try:
-        ctx.load_cert_chain(cert_file, key_file)
+        ctx.load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except EncryptedKey:
+        raise CertificateError(f"{key_file}: the key is encrypted with a passphrase; it must be unencrypted") from None
     except OSError as exc:  # ssl.SSLError is an OSError: key does not match, not PEM, unreadable
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
         raise CertificateError(f"{cert_file} / {key_file}: cannot load the pair: {reason}") from None

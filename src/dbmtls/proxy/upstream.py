@@ -59,15 +59,20 @@ class Dialer:
         server checks our certificate after *our* side of the handshake is complete, so a
         rejected client certificate arrives as an alert on the first read.
         """
+        tls = conn.rt.db.tls
+        client_cert = bool(tls.clientCertificate or tls.userCertificates)
         if isinstance(exc, ClosedBeforeAnswer) and conn.rt.tls.enabled:
             return UpstreamProtocolError(
                 f"server {target(conn)} closed the connection right after the TLS handshake without answering",
-                hint="the server may have rejected the client certificate; see the database server log",
+                hint="the server may have rejected the client certificate; see the database server log"
+                if client_cert
+                else f"the server may require a client certificate, and tls.mode is {tls.mode} (none is sent): "
+                "use MUTUAL with clientCertificate and privateKey",
             )
         if not conn.rt.tls.enabled and isinstance(exc, ConnectionError | EOFError):
             # no TLS was attempted, so "closed during the TLS handshake" would be a lie
             return PlaintextRefused(f"{target(conn)} closed the connection without answering (tls.mode is DISABLE)")
-        return classify(exc, target=target(conn), server_name=conn.rt.db.server_name)
+        return classify(exc, target=target(conn), server_name=conn.rt.db.server_name, client_cert=client_cert)
 
     async def addresses(self, conn: Conn) -> tuple[str, ...]:
         """Where to connect: the dial target's host itself (an IP literal, or a name for

@@ -87,7 +87,7 @@ def build_context(
         else:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert is not None:
-        ctx.load_cert_chain(cert[0], cert[1])
+        ctx.load_cert_chain(cert[0], cert[1], password=no_passphrase)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
@@ -141,6 +141,16 @@ def check_peer_names(sslobj: ssl.SSLObject | ssl.SSLSocket | None, wanted: Seque
         raise NameMismatch(f"server certificate carries none of the names {', '.join(wanted)}")
 
 
+class EncryptedKey(ValueError):
+    """A private key protected by a passphrase, which a sidecar has nobody to ask for."""
+
+
+def no_passphrase() -> bytes:
+    """``load_cert_chain``'s password callback: without one, OpenSSL asks on the terminal and
+    a process with no terminal (a container) would read EOF or hang instead of failing."""
+    raise EncryptedKey("the private key is encrypted with a passphrase")
+
+
 # OpenSSL verify codes (X509_V_ERR_*) -> our error classes
 _VERIFY_CODES: dict[int, type[TLSHandshakeError]] = {
     9: CertificateExpired,  # CERT_NOT_YET_VALID
@@ -167,8 +177,12 @@ _CLIENT_CERT_ALERTS = (
 )
 
 
-def classify(exc: BaseException, *, target: str, server_name: str) -> UpstreamError:
-    """Translate a foreign exception from connect/handshake into the error tree (one boundary)."""
+def classify(exc: BaseException, *, target: str, server_name: str, client_cert: bool = True) -> UpstreamError:
+    """Translate a foreign exception from connect/handshake into the error tree (one boundary).
+
+    ``client_cert``: whether we offered a client certificate.  A server that wants one and got
+    none sends the same alerts as one that dislikes ours; only the fix differs.
+    """
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -185,6 +199,11 @@ def classify(exc: BaseException, *, target: str, server_name: str) -> UpstreamEr
         reason = exc.reason or ""
         if "ALERT" in reason and any(a in reason for a in _CLIENT_CERT_ALERTS):
             alert = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
+            if not client_cert:
+                return ClientCertRejected(
+                    f"server {target} wants a client certificate and none was sent (TLS alert: {alert})",
+                    hint="the server requires mutual TLS: set tls.mode MUTUAL with clientCertificate and privateKey",
+                )
             return ClientCertRejected(f"server {target} rejected the client certificate (TLS alert: {alert})")
         if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
             return TLSRefused(f"server {target} did not answer with TLS (is TLS enabled on that port?)")

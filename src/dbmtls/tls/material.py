@@ -31,7 +31,7 @@ from cryptography import x509
 
 from dbmtls.config.model import DatabaseConfig
 from dbmtls.errors import ConfigError, IdentityError, TLSHandshakeError
-from dbmtls.tls.context import build_context
+from dbmtls.tls.context import EncryptedKey, build_context
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,25 @@ def _read_certs(path: str, what: str, yaml_path: str) -> list[x509.Certificate]:
     return certs
 
 
+def _pair_problem(cert_path: str, key_path: str, openssl_says: str) -> str:
+    """Why OpenSSL could not load a key pair, in words (it only says "PEM lib")."""
+    try:
+        with open(key_path, "rb") as f:
+            key = f.read()
+    except OSError:
+        key = b""
+    if b"PRIVATE KEY-----" not in key:
+        if b"-----BEGIN CERTIFICATE-----" in key:
+            return (
+                f"privateKey {key_path} holds a certificate, not a private key "
+                f"(clientCertificate and privateKey swapped? the key is the file with 'PRIVATE KEY')"
+            )
+        return f"privateKey {key_path} holds no PEM private key (empty, truncated or DER?)"
+    if b"ENCRYPTED" in key:
+        return f"privateKey {key_path} is encrypted with a passphrase; dbmtls needs it unencrypted"
+    return f"cannot load key pair {cert_path} / {key_path}: {openssl_says}"
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -176,10 +195,15 @@ class ClientTLS:
                     path=f"{yaml_path}.privateKey",
                 ) from None
             if cert is not None and ("PEM" in str(exc) or "KEY" in str(exc).upper()):
-                raise ConfigError(
-                    f"cannot load key pair {cert[0]} / {cert[1]}: {text}", path=f"{yaml_path}.privateKey"
-                ) from None
+                raise ConfigError(_pair_problem(cert[0], cert[1], text), path=f"{yaml_path}.privateKey") from None
             raise ConfigError(f"cannot build TLS context: {text}", path="tls.caCertificates") from None
+        except EncryptedKey:
+            key = cert[1] if cert else "?"
+            raise ConfigError(
+                f"privateKey {key} is encrypted with a passphrase; dbmtls needs it unencrypted "
+                f"(openssl pkey -in {key} -out plain.key)",
+                path=f"{yaml_path}.privateKey",
+            ) from None
         except FileNotFoundError as exc:
             raise ConfigError(f"file {exc.filename} not found", path=yaml_path) from None
         except OSError as exc:

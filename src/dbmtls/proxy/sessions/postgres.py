@@ -38,7 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from dbmtls.errors import AppClosedEarly, AppTimeout, AppTLSError, AuthenticationFailed, DbmtlsError, UpstreamTimeout
+from dbmtls.errors import (
+    AppClosedEarly,
+    AppTimeout,
+    AppTLSError,
+    AuthenticationFailed,
+    DbmtlsError,
+    TLSHandshakeError,
+    TLSRefused,
+    UpstreamTimeout,
+)
 from dbmtls.protocols import postgres as pg
 from dbmtls.protocols.events import NeedData
 from dbmtls.proxy.endpoint import Endpoint
@@ -162,7 +171,17 @@ class PostgresSession:
         # mode DISABLE: plain pgwire to the server (no SSLRequest, nothing to upgrade)
         if not db.directTls and conn.rt.tls.enabled:
             await self._negotiate(conn, up)
-        await self.dialer.start_tls(conn, up, user)
+        try:
+            await self.dialer.start_tls(conn, up, user)
+        except (TLSHandshakeError, TLSRefused) as err:
+            # A server before 17 reads our ClientHello as a startup packet of absurd length and
+            # hangs up without a word: say what most likely happened, not only "closed".
+            if db.directTls and type(err) in (TLSHandshakeError, TLSRefused):
+                raise err.with_hint(
+                    "directTls needs PostgreSQL 17 or later, and servers before 17 close the connection at "
+                    "the TLS ClientHello; set directTls: false (the SSLRequest upgrade works with every version)"
+                ) from None
+            raise
         return up
 
     async def _negotiate(self, conn: Conn, up: Endpoint) -> None:
