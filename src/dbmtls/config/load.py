@@ -183,17 +183,16 @@ def load_config(paths: Sequence[str | Path]) -> Config:
 def explain_config(paths: Sequence[str | Path]) -> Explained:
     """``load_config``, and where each setting came from, what was ignored and what was skipped.
 
-    Inputs that yield no database at all are an error: each of their documents was skipped for
-    a reason, and the error lists them.
+    Inputs that yield no database although they hold documents that could have (rules,
+    Services, other kinds) are an error listing why each gave none: whoever passed them expected
+    a database.  A dbmtls config that simply lists none stays valid, as it always was.
     """
     if not paths:
         raise ConfigError("no configuration file given (use -c FILE)")
     sources = ", ".join(str(p) for p in paths)
     explained = explain_documents([item for p in paths for item in _documents(Path(p))], sources)
-    if not explained.config.databases:
-        notes = explained.explanation.notes
-        if not notes:
-            raise ConfigError("no database to relay: the inputs define no databases", source=sources)
+    notes = explained.explanation.notes
+    if not explained.config.databases and notes:
         raise ConfigError(f"no database to relay: {'; '.join(str(n) for n in notes)}")
     return explained
 
