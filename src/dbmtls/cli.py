@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
 
 from dbmtls import __version__
-from dbmtls.config.explain import DatabaseExplanation
 from dbmtls.config.load import load_config
-from dbmtls.config.model import Config, DatabaseConfig
+from dbmtls.config.model import Config
 from dbmtls.errors import ConfigError
 from dbmtls.logs import setup_logging
 
@@ -96,6 +94,7 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
     For each database it says where its protocol, port, listener and each TLS setting came from,
     and which fields of the inputs it ignores.
     """
+    from dbmtls.check import database_report, note_text, origin_text, shown
     from dbmtls.config.load import explain_config
 
     try:
@@ -107,7 +106,7 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"dbmtls: config error: {exc.message}", err=True)
         sys.exit(2)
     config = explained.config
-    reports = [_check_database(db, explained.explanation.databases.get(db.name)) for db in config.databases]
+    reports = [database_report(db, explained.explanation.databases.get(db.name)) for db in config.databases]
     dns_problems: list[dict[str, Any]] = []
     dns_lines = _check_dns(config, dns_problems)
     errors = [e for r in reports for e in r["errors"]] + dns_problems
@@ -132,11 +131,11 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"# {db.name}: {db.spec.title} on {db.listen} -> {host}:{port}; {db.spec.upgrade}")
             click.echo(f"#   errors the app sees: {db.spec.errors}")
             for key, origin in report["provenance"].items():
-                click.echo(f"#   {key}: {_shown(report['values'].get(key))} <- {_origin_text(origin)}")
+                click.echo(f"#   {key}: {shown(report['values'].get(key))} <- {origin_text(origin)}")
             for note in report["notes"]:
-                click.echo(f"#   note: {_note_text(note)}")
+                click.echo(f"#   note: {note_text(note)}")
             for note in report["ignored"]:
-                click.echo(f"#   {_note_text(note)}")
+                click.echo(f"#   {note_text(note)}")
         for note in notes:
             click.echo(f"# skipped: {note}")
         for line in dns_lines:
@@ -149,99 +148,6 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
         for e in errors:
             click.echo(f"dbmtls: error: {e['text']}", err=True)
         sys.exit(1)
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return "(none)" if value is None else str(value)
-
-
-def _origin_text(origin: dict[str, Any]) -> str:
-    where = ": ".join(str(p) for p in (origin.get("source"), origin.get("path")) if p)
-    return f"{origin['from']} ({where})" if where else str(origin["from"])
-
-
-def _note_text(note: dict[str, Any]) -> str:
-    where = ": ".join(str(p) for p in (note.get("source"), note.get("path")) if p)
-    return f"{where}: {note['message']}" if where else str(note["message"])
-
-
-# The settings ``check`` explains, as (name, how to read it from a database).
-_EXPLAINED: tuple[tuple[str, Callable[[DatabaseConfig], object]], ...] = (
-    ("name", lambda d: d.name),
-    ("protocol", lambda d: d.protocol),
-    ("address", lambda d: d.upstream[0]),
-    ("port", lambda d: d.upstream[1]),
-    ("listen", lambda d: d.listen),
-    ("dial", lambda d: d.dial),
-    *(
-        (f"tls.{key}", lambda d, key=key: getattr(d.tls, key))
-        for key in ("mode", "clientCertificate", "privateKey", "caCertificates")
-    ),
-    ("tls.sni", lambda d: d.server_name if d.tls.mode != "DISABLE" else None),
-    ("tls.subjectAltNames", lambda d: list(d.verify_names) if d.tls.mode != "DISABLE" else None),
-    *(
-        (f"tls.{key}", lambda d, key=key: getattr(d.tls, key))
-        for key in ("insecureSkipVerify", "minProtocolVersion", "maxProtocolVersion")
-    ),
-)
-
-
-def _check_database(db: DatabaseConfig, explanation: DatabaseExplanation | None) -> dict[str, Any]:
-    """One database for ``check``: its settings and their origins, and its certificate material loaded."""
-    from dbmtls.tls.material import ClientTLS
-
-    exp = explanation or DatabaseExplanation()
-    values = {key: get(db) for key, get in _EXPLAINED}
-    provenance = {key: exp.origins[key].as_json() for key, _ in _EXPLAINED if key in exp.origins}
-    report: dict[str, Any] = {
-        "name": db.name,
-        "values": values,
-        "provenance": provenance,
-        "ignored": [n.as_json() for n in exp.ignored],
-        "notes": [n.as_json() for n in exp.notes],
-        "warnings": [],
-        "errors": [],
-    }
-    try:
-        material = ClientTLS(db).build()
-    except ConfigError as exc:
-        field = _failed_field(db, exc)
-        origin = exp.origins.get(field) if field else None
-        text = f"database {db.name!r}: {exc.message}"
-        if origin is not None and origin.source:
-            text += f" (set at {origin.source}: {origin.path})" if origin.path else f" (from {origin.source})"
-        hints = exp.hints if origin is not None and origin.how.startswith("credentialName") else []
-        text += "".join(f"; {h}" for h in hints)
-        report["errors"].append(
-            {
-                "kind": "certificate",
-                "database": db.name,
-                "path": exc.path,
-                "field": field,
-                "message": exc.detail,
-                "from": origin.as_json() if origin is not None else None,
-                "hints": hints,
-                "text": text,
-            }
-        )
-    else:
-        report["warnings"] += list(material.warnings)
-    if db.tls.insecureSkipVerify:
-        report["warnings"].append("insecureSkipVerify is on: the server is NOT verified")
-    return report
-
-
-def _failed_field(db: DatabaseConfig, exc: ConfigError) -> str | None:
-    """Which tls setting a certificate error is about: its path, or the setting naming the file."""
-    if exc.path and exc.path.startswith("tls.") and exc.path.count(".") == 1:
-        return exc.path
-    for key in ("clientCertificate", "privateKey", "caCertificates"):
-        value = getattr(db.tls, key)
-        if value and value in exc.detail:
-            return f"tls.{key}"
-    return exc.path
 
 
 def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:
