@@ -1183,3 +1183,24 @@ def test_the_injector_refuses_a_pod_whose_rules_leave_nothing_to_do() -> None:
     out = inject_object(pod, [disabled, mutual], InjectOptions())
     (env,) = out["spec"]["initContainers"][0]["env"][:1]
     assert [d["name"] for d in yaml.safe_load(env["value"])["databases"]] == ["rule"]
+
+
+def test_every_setting_check_shows_says_where_it_came_from(tmp_path: Path) -> None:
+    """A rule-derived and a written database alike: no value without an origin (dial only when set)."""
+    rules = write_docs(tmp_path, svc("pg", {"name": "tcp-postgresql", "port": 15432}), rule("pg"))
+    native = tmp_path / "c.yaml"
+    native.write_text(
+        yaml.safe_dump({"databases": [{"name": "n", "protocol": "redis", "listen": "127.0.0.1:1", "address": "r"}]})
+    )
+    out = json.loads(CliRunner().invoke(main, ["check", "--json", "-c", str(rules), "-c", str(native)]).stdout)
+    for db in out["databases"]:
+        missing = {k for k, v in db["values"].items() if v is not None or k != "dial"} - set(db["provenance"])
+        assert not missing, (db["name"], missing)
+    native_db = next(d for d in out["databases"] if d["name"] == "n")
+    assert native_db["provenance"]["port"]["from"] == "the default port of redis"
+    assert native_db["provenance"]["tls.mode"]["from"] == "default: SIMPLE (verify the server, no client certificate)"
+    assert native_db["provenance"]["address"] == {
+        "from": "dbmtls config",
+        "source": str(native),
+        "path": "databases[0].address",
+    }

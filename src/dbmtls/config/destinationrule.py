@@ -682,13 +682,7 @@ def _tls_settings(
             if key in tls:
                 out[key] = tls[key]
                 exp.origins[f"tls.{key}"] = Origin(by_rule, src, f"{path}.{key}")
-    defaults = {
-        "tls.caCertificates": "the system trust store (no caCertificates)",
-        "tls.sni": "the host of address",
-        "tls.subjectAltNames": "the SNI name is verified",
-    }
-    for key, why in defaults.items():
-        exp.origins.setdefault(key, Origin(f"default: {why}"))
+    exp.defaults()
     return out
 
 

@@ -44,6 +44,20 @@ class Note:
         return {"message": self.message, "source": self.source, "path": self.path}
 
 
+# Why a TLS setting a database does not set has the value it has (``check`` prints it).
+TLS_DEFAULTS = {
+    "tls.mode": "SIMPLE (verify the server, no client certificate)",
+    "tls.clientCertificate": "none: no default client certificate is presented",
+    "tls.privateKey": "none: no default client certificate is presented",
+    "tls.caCertificates": "the system trust store (no caCertificates)",
+    "tls.sni": "the host of address",
+    "tls.subjectAltNames": "the SNI name is verified",
+    "tls.insecureSkipVerify": "false: the server's chain and name are verified",
+    "tls.minProtocolVersion": "TLSV1_2",
+    "tls.maxProtocolVersion": "none: the highest both sides support",
+}
+
+
 @dataclass
 class DatabaseExplanation:
     """One database: the origin of each setting (by dotted field name), what was ignored, notes."""
@@ -54,6 +68,11 @@ class DatabaseExplanation:
     # For a certificate error: what the user must know to fix it (e.g. the credentialName's
     # expected files and the credentialsDir setting).
     hints: list[str] = field(default_factory=list)
+
+    def defaults(self) -> None:
+        """Every TLS setting not set by the inputs: its default, and why."""
+        for key, why in TLS_DEFAULTS.items():
+            self.origins.setdefault(key, Origin(f"default: {why}"))
 
     def as_json(self) -> dict[str, Any]:
         return {

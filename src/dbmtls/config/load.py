@@ -361,14 +361,7 @@ def _explain_native(db: DatabaseConfig, raw: dict[str, Any], src: str, prefix: s
         exp.origins["port"] = Origin("address", src, f"{prefix}.address")
     except ValueError:
         exp.origins["port"] = Origin(f"the default port of {db.protocol}")
-    defaults = {
-        "tls.mode": "SIMPLE (verify the server, no client certificate)",
-        "tls.caCertificates": "the system trust store (no caCertificates)",
-        "tls.sni": "the host of address",
-        "tls.subjectAltNames": "the SNI name is verified",
-    }
-    for key, why in defaults.items():
-        exp.origins.setdefault(key, Origin(f"default: {why}"))
+    exp.defaults()
 
 
 def _overrides(doc: dict[str, Any], src: str) -> list[_Override]:
