@@ -207,7 +207,11 @@ def _run_pod(pki: PKI, tmp_path: Path, image: str, pod: Pod, redis: RedisTLS, pg
     volumes: dict[str, Path] = {}
     for vol in spec["volumes"]:
         name = vol["secret"]["secretName"]
-        volumes[vol["name"]] = make_secret_volume(tmp_path / "volumes" / name, _secret_files(secrets[name]))
+        files = _secret_files(secrets[name])
+        if name == "orders-tls":
+            # Istio's generic Secret layout (cert, key, cacert): the sidecar picks it when it starts
+            files = {"cert": files["tls.crt"], "key": files["tls.key"], "cacert": files["ca.crt"]}
+        volumes[vol["name"]] = make_secret_volume(tmp_path / "volumes" / name, files)
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(
         f"nameserver {DNS_IP}\nsearch {NS}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"

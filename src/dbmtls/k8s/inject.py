@@ -38,7 +38,7 @@ from dbmtls.config.model import is_loopback, split_host_port
 from dbmtls.errors import ConfigError
 from dbmtls.k8s import sidecar
 from dbmtls.k8s.names import DNS1123_SUBDOMAIN
-from dbmtls.k8s.rules import AppliedRule, applicable_rules, credential_dir
+from dbmtls.k8s.rules import CREDENTIALS_DIR, AppliedRule, applicable_rules, credential_dir
 
 LOG = logging.getLogger("dbmtls.k8s")
 
@@ -360,6 +360,7 @@ def _generated_config(
                 # the rule's short name is read in the rule's namespace, not the pod's search list
                 # trailing dot: an absolute name skips the search list (ndots:5 would try 3 suffixes first)
                 db["dial"] = f"{rule.service.fqdn}.:{port}"
+            _by_credential_name(db.get("tls") or {})
             name = db["name"] if db["name"] not in taken else f"{db['name']}.{rule.namespace}"
             db["name"] = name
             taken.add(name)
@@ -388,6 +389,24 @@ def _generated_config(
         # the inline config's own databases travel with the generated ones, in one document
         config = {**inline, **generated, "databases": [*(inline.get("databases") or []), *databases]}
     return config, aliases
+
+
+def _by_credential_name(tls: dict[str, Any]) -> None:
+    """Files of a mounted ``credentialName`` Secret go back to ``credentialName`` in the config.
+
+    The sidecar's loader then picks the Secret's layout (cert-manager's ``tls.crt``... or
+    Istio's generic ``cert``...) from the files it finds when it starts, which the injector
+    cannot see; the mount directory is the loader's default ``credentialsDir``.
+    """
+    secrets = set()
+    for key in ("clientCertificate", "privateKey", "caCertificates"):
+        value = tls.get(key)
+        if isinstance(value, str) and value.startswith(CREDENTIALS_DIR + "/"):
+            secrets.add(value[len(CREDENTIALS_DIR) + 1 :].split("/", 1)[0])
+    if len(secrets) == 1:
+        for key in ("clientCertificate", "privateKey", "caCertificates"):
+            tls.pop(key, None)
+        tls["credentialName"] = secrets.pop()
 
 
 def _cert_paths(config: dict[str, Any]) -> list[tuple[str, str]]:
