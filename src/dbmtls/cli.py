@@ -10,7 +10,7 @@ from typing import Any, TextIO
 import click
 
 from dbmtls import __version__
-from dbmtls.config.load import load_config
+from dbmtls.config.load import Explained, explain_config, load_config
 from dbmtls.config.model import Config
 from dbmtls.errors import ConfigError
 from dbmtls.logs import setup_logging
@@ -27,6 +27,28 @@ def _load(configs: tuple[str, ...]) -> Config:
     except ConfigError as exc:
         click.echo(f"dbmtls: config error: {exc.message}", err=True)
         sys.exit(2)
+
+
+def _load_explained(configs: tuple[str, ...]) -> Explained:
+    try:
+        return explain_config(configs)
+    except ConfigError as exc:
+        click.echo(f"dbmtls: config error: {exc.message}", err=True)
+        sys.exit(2)
+
+
+def _log_config_notes(explained: Explained) -> None:
+    """What `check` lists as ignored or skipped, in the log too: a sidecar's log is often all
+    that is read, and a field that silently did nothing is what Istio users get bitten by."""
+    from dbmtls.logs import LOG
+
+    for note in explained.explanation.notes:
+        LOG.info("config note", extra={"fields": {"note": str(note)}})
+    for name, exp in explained.explanation.databases.items():
+        for note in exp.ignored:
+            LOG.info("config field ignored", extra={"fields": {"db": name, "note": str(note)}})
+        for note in exp.notes:
+            LOG.info("config note", extra={"fields": {"db": name, "note": str(note)}})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -58,7 +80,8 @@ def version() -> None:
 )
 def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run the proxy in the foreground (logs to stderr; SIGTERM drains and exits 0)."""
-    config = _load(configs)
+    explained = _load_explained(configs)
+    config = explained.config
     if admin is not None and admin != "off":
         from pydantic import ValidationError
 
@@ -70,6 +93,7 @@ def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_
             msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
             raise click.BadParameter(msg, param_hint="--admin") from None
     setup_logging(log_level or config.log.level, log_format or config.log.format)
+    _log_config_notes(explained)
     from dbmtls.app import run as run_app
 
     try:

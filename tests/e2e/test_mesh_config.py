@@ -287,3 +287,10 @@ def test_mariadb(mesh: Mesh, name: str) -> None:
             assert cur.fetchone() == (f"{MARIA_USER}@%",)
     finally:
         conn.close()
+
+
+def test_run_logs_what_it_ignored_and_skipped(mesh: Mesh) -> None:
+    """A sidecar's log is often all anyone reads: the ignored fields and skipped documents are there."""
+    ignored = mesh.proxy.wait_line(r"config field ignored db=redis-se .*spec\.trafficPolicy\.loadBalancer")
+    assert "LEAST_REQUEST" not in ignored  # the field is named, its value is not echoed
+    mesh.proxy.wait_line(r"config note .*VirtualService orders: not used by dbmtls, skipped")
