@@ -284,7 +284,7 @@ def test_overrides_patch_by_name(tmp_path: Path) -> None:
     )
     first, second = load_config([a, o]).databases
     assert (first.listen, first.address, first.dial) == ("127.0.0.1:7777", "redis.prod:6380", "10.0.0.7:6380")
-    assert first.tls.clientCertificate == "c.crt"  # untouched fields stay
+    assert first.tls.clientCertificate == str(tmp_path / "c.crt")  # untouched fields stay (relative to the file)
     assert first.server_name == "redis.prod"
     assert second.listen == "127.0.0.1:2"
 
@@ -424,7 +424,7 @@ def test_port_level_settings_replace_not_merge(tmp_path: Path) -> None:
     redis_db, mongo, pg = by_port[6379], by_port[27017], by_port[5432]
     # port level replaced the whole block: no client cert, no sni from the default
     assert (redis_db.tls.mode, redis_db.tls.clientCertificate, redis_db.tls.sni) == ("SIMPLE", None, None)
-    assert redis_db.tls.caCertificates == "other-ca.crt"
+    assert redis_db.tls.caCertificates == str(tmp_path / "other-ca.crt")
     assert (mongo.tls.mode, mongo.tls.sni) == ("MUTUAL", "outer.example")
     assert (redis_db.protocol, mongo.protocol, pg.protocol) == ("redis", "mongodb", "postgres")
     assert [d.name for d in cfg.databases] == ["rule-6379", "rule-27017", "rule-5432"]
@@ -683,3 +683,41 @@ def test_admin_listen_off_unquoted(tmp_path: Path, value: str) -> None:
 def test_admin_listen_true_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"admin\.listen"):
         load_config([write(tmp_path, "c.yaml", "admin:\n  listen: on\n")])
+
+
+def test_relative_paths_are_relative_to_the_config_file(
+    tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dbmtls check -c conf/dbmtls.yaml` from anywhere finds conf/pki/...; absolute paths stay as they are."""
+    conf = tmp_path / "conf"
+    (conf / "pki").mkdir(parents=True)
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (conf / "pki" / name).write_bytes((Path(pki.client.cert).parent / name).read_bytes())
+    tls = {
+        "mode": "MUTUAL",
+        "clientCertificate": "pki/tls.crt",
+        "privateKey": "pki/tls.key",
+        "caCertificates": pki.ca_cert,
+    }
+    rule = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {
+            "name": "rule",
+            "annotations": {"dbmtls.io/protocol": "redis", "dbmtls.io/listen": "127.0.0.1:7001"},
+        },
+        "spec": {"host": "cache", "trafficPolicy": {"tls": {**tls, "caCertificates": "./pki/ca.crt"}}},
+    }
+    write(conf, "dbmtls.yaml", yaml.safe_dump({"databases": [db(tls=tls)]}))
+    write(conf, "rule.yaml", yaml.safe_dump(rule))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config([Path("../conf/dbmtls.yaml"), Path("../conf/rule.yaml")])
+    first, second = config.databases
+    assert first.tls.clientCertificate == str(conf / "pki" / "tls.crt")
+    assert first.tls.privateKey == str(conf / "pki" / "tls.key")
+    assert first.tls.caCertificates == pki.ca_cert
+    assert second.tls.caCertificates == str(conf / "pki" / "ca.crt")
+    result = CliRunner().invoke(main, ["check", "-c", "../conf/dbmtls.yaml"])
+    assert result.exit_code == 0, result.output

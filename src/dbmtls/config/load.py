@@ -270,11 +270,70 @@ def _documents(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     docs = _load_documents(path)
     if not docs:
         raise ConfigError("the file is empty", source=source)
+    base = None if source.startswith(ENV_PREFIX) else path.resolve().parent
     for n, doc in enumerate(docs):
         src = source if len(docs) == 1 else f"{source} (document {n + 1})"
         if not isinstance(doc, dict):
             raise ConfigError("expected a mapping at the top level", source=src)
-        yield doc, src
+        yield (_relative_to(doc, base) if base is not None else doc), src
+
+
+_FILE_FIELDS = ("clientCertificate", "privateKey", "caCertificates")
+
+
+def _relative_to(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative file paths in ``doc`` made relative to its file's directory, not to the cwd.
+
+    A config names its certificates next to itself (``pki/client/tls.crt``); `dbmtls check` run
+    from another directory, or a service manager's working directory, must find the same files.
+    Only the fields that name files are touched; the document is copied, never changed.
+    """
+
+    def fix(value: Any) -> Any:
+        return str(base / value) if isinstance(value, str) and value and not os.path.isabs(value) else value
+
+    def fix_tls(tls: Any) -> Any:
+        if not isinstance(tls, dict):
+            return tls
+        out = {k: fix(v) if k in _FILE_FIELDS else v for k, v in tls.items()}
+        users = out.get("userCertificates")
+        if isinstance(users, dict):
+            out["userCertificates"] = {
+                u: {k: fix(v) if k in _FILE_FIELDS else v for k, v in c.items()} if isinstance(c, dict) else c
+                for u, c in users.items()
+            }
+        return out
+
+    def fix_db(db: Any) -> Any:
+        return {**db, "tls": fix_tls(db["tls"])} if isinstance(db, dict) and "tls" in db else db
+
+    out = dict(doc)
+    if doc.get("kind") == "DestinationRule":
+        spec = doc.get("spec")
+        policy = spec.get("trafficPolicy") if isinstance(spec, dict) else None
+        if isinstance(policy, dict):
+            new_policy = {**policy}
+            if "tls" in policy:
+                new_policy["tls"] = fix_tls(policy["tls"])
+            levels = policy.get("portLevelSettings")
+            if isinstance(levels, list):
+                new_policy["portLevelSettings"] = [
+                    {**pl, "tls": fix_tls(pl["tls"])} if isinstance(pl, dict) and "tls" in pl else pl for pl in levels
+                ]
+            out["spec"] = {**spec, "trafficPolicy": new_policy}  # type: ignore[dict-item]
+        return out
+    if "kind" in doc:
+        return out
+    if isinstance(doc.get("databases"), list):
+        out["databases"] = [fix_db(db) for db in doc["databases"]]
+    if isinstance(doc.get("overrides"), dict):
+        out["overrides"] = {name: fix_db(o) for name, o in doc["overrides"].items()}
+    if "credentialsDir" in doc:
+        out["credentialsDir"] = fix(doc["credentialsDir"])
+    dns = doc.get("dns")
+    if isinstance(dns, dict) and "resolvConf" in dns:
+        out["dns"] = {**dns, "resolvConf": fix(dns["resolvConf"])}
+    return out
 
 
 def _collect_destination_rule(
