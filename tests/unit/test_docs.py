@@ -45,3 +45,17 @@ def test_no_reference_to_documents_outside_the_repository(path: Path) -> None:
     # section numbers of a document that is not here ("1.6 step 5", "rule 0.1", "section 2")
     stray = re.search(r"\b(?:rule \d+\.\d+|section \d+(?:\.\d+)?|\d+\.\d+ step \d+)\b", text)
     assert stray is None, f"{path.relative_to(ROOT)}: {stray.group(0)!r} cites a numbered section of no file here"
+
+
+def test_no_merge_conflict_markers_anywhere() -> None:
+    """A conflict resolved in a hurry must not ship its markers (docs render them as text)."""
+    root = Path(__file__).resolve().parents[2]
+    files = [*root.glob("*.md"), *root.glob("docs/**/*.md"), *root.glob("src/**/*.py"), *root.glob("deploy/**/*.yaml")]
+    files += [*root.glob("tests/**/*.py"), *root.glob("tests/**/*.yaml"), root / "Dockerfile", root / "Makefile"]
+    marked = [
+        f"{p.relative_to(root)}:{n}"
+        for p in files
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="
+    ]
+    assert marked == []
