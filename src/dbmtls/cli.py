@@ -112,7 +112,13 @@ def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_
     is_flag=True,
     help="Print the effective configuration, where each setting came from and every error as JSON.",
 )
-def check(configs: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--bind-check/--no-bind-check",
+    default=True,
+    show_default=True,
+    help="Try each listen address (off: checking the config of a dbmtls that is already running).",
+)
+def check(configs: tuple[str, ...], as_json: bool, bind_check: bool) -> None:
     """Validate the configuration and the certificate files; print the effective configuration.
 
     For each database it says where its protocol, port, listener and each TLS setting came from,
@@ -133,7 +139,10 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
     reports = [database_report(db, explained.explanation.databases.get(db.name)) for db in config.databases]
     dns_problems: list[dict[str, Any]] = []
     dns_lines = _check_dns(config, dns_problems)
-    errors = [e for r in reports for e in r["errors"]] + dns_problems
+    errors = [e for r in reports for e in r["errors"]] + dns_problems + _check_serving(config, bind=bind_check)
+    for db, report in zip(config.databases, reports, strict=True):
+        if db.tls.mode == "DISABLE":
+            report["warnings"].append("tls.mode is DISABLE: traffic to the database is NOT encrypted")
     notes = explained.explanation.notes
     dump = config.model_dump(mode="json")
     if as_json:
@@ -172,6 +181,41 @@ def check(configs: tuple[str, ...], as_json: bool) -> None:
         for e in errors:
             click.echo(f"dbmtls: error: {e['text']}", err=True)
         sys.exit(1)
+
+
+def _check_serving(config: Config, *, bind: bool) -> list[dict[str, Any]]:
+    """What would stop `run` before it serves anything: no database, a listen address taken."""
+    import errno
+    import socket
+
+    from dbmtls.config.model import split_host_port
+
+    if not config.databases:
+        text = "no database to serve: the inputs configure none (add one under databases:, or a DestinationRule)"
+        return [{"kind": "config", "message": text, "text": text}]
+    problems: list[dict[str, Any]] = []
+    listeners = [(db.name, f"databases {db.name!r} listen", db.listen) for db in config.databases]
+    listeners += [
+        ("admin", "admin.listen", config.admin.listen),
+        ("admin", "admin.publicListen", config.admin.publicListen),
+    ]
+    for name, field, listen in listeners if bind else []:
+        if listen == "off" or listen.startswith("unix:"):
+            continue
+        host, port = split_host_port(listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                why = "already in use by another process" if exc.errno == errno.EADDRINUSE else exc.strerror
+                text = (
+                    f"{field} {listen}: {why}; `dbmtls run` would fail to start: pick another port or stop "
+                    "that process (--no-bind-check when checking the config of a dbmtls that is running)"
+                )
+                problems.append({"kind": "listen", "database": name, "message": text, "text": text})
+    return problems
 
 
 def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:

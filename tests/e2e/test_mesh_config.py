@@ -215,7 +215,11 @@ def mesh(pki: PKI, servers: dict[str, Any], tmp_path_factory: pytest.TempPathFac
 def test_check_says_where_each_protocol_came_from(mesh: Mesh) -> None:
     args = [arg for f in mesh.files for arg in ("-c", str(f))]
     proc = subprocess.run(
-        [sys.executable, "-m", "dbmtls", "check", "--json", *args], capture_output=True, text=True, timeout=60
+        # the proxy under test holds the listen ports: --no-bind-check, as for any running dbmtls
+        [sys.executable, "-m", "dbmtls", "check", "--json", "--no-bind-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout)

@@ -587,7 +587,9 @@ def test_check_prints_effective_config(tmp_path: Path, pki: PKI) -> None:
 def test_check_json(tmp_path: Path, pki: PKI) -> None:
     import json
 
-    result = CliRunner().invoke(main, ["check", "--json", "-c", str(write(tmp_path, "dr.yaml", seed_dr(pki)))])
+    # the seed rule listens on Redis's own port, which this machine's Redis may hold: not this test's subject
+    dr = str(write(tmp_path, "dr.yaml", seed_dr(pki)))
+    result = CliRunner().invoke(main, ["check", "--json", "--no-bind-check", "-c", dr])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["ok"] is True and out["errors"] == []
@@ -721,3 +723,32 @@ def test_relative_paths_are_relative_to_the_config_file(
     assert second.tls.caCertificates == str(conf / "pki" / "ca.crt")
     result = CliRunner().invoke(main, ["check", "-c", "../conf/dbmtls.yaml"])
     assert result.exit_code == 0, result.output
+
+
+def test_check_catches_what_would_stop_run(tmp_path: Path, pki: PKI) -> None:
+    """A taken listen port and a config with nothing to serve fail `check`, not only `run`."""
+    import json
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        plain = db(listen=f"127.0.0.1:{port}", tls={"mode": "DISABLE"})  # no certificate files to trip on
+        cfg = write(tmp_path, "c.yaml", yaml.safe_dump({"databases": [plain]}))
+        result = CliRunner().invoke(main, ["check", "-c", str(cfg)])
+        assert result.exit_code == 1
+        assert f"listen 127.0.0.1:{port}: already in use by another process" in result.stderr
+        out = json.loads(CliRunner().invoke(main, ["check", "--json", "-c", str(cfg)]).stdout)
+        assert [e["kind"] for e in out["errors"]] == ["listen"] and out["ok"] is False
+        assert CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(cfg)]).exit_code == 0
+    empty = write(tmp_path, "empty.yaml", "databases: []\n")
+    result = CliRunner().invoke(main, ["check", "-c", str(empty)])
+    assert result.exit_code == 1 and "no database to serve" in result.stderr
+
+
+def test_check_warns_about_plaintext_to_the_server(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "c.yaml", yaml.safe_dump({"databases": [db(tls={"mode": "DISABLE"})]}))
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(cfg)])
+    assert result.exit_code == 0
+    assert "tls.mode is DISABLE: traffic to the database is NOT encrypted" in result.stderr
