@@ -141,7 +141,11 @@ def _check_dns(config: Config, problems: list[str]) -> list[str]:
 @click.option("--ca", default=None, help="URL: CA bundle that verifies the server (default: the system trust store).")
 @click.option("--sni", default=None, help="URL: the name to send and verify (default: the URL's host).")
 @click.option("--user", default=None, help="PostgreSQL/MySQL: log in as this user (with -c: its userCertificates).")
-@click.option("--timeout", default="5s", show_default=True, help="URL: connect and per-step timeout.")
+@click.option(
+    "--timeout",
+    default=None,
+    help="Connect and per-step timeout (URL default 5s; with -c: instead of connectTimeout/handshakeTimeout).",
+)
 @click.option("--json", "as_json", is_flag=True, help="The same steps as a JSON document.")
 def doctor(
     url: str | None,
@@ -152,7 +156,7 @@ def doctor(
     ca: str | None,
     sni: str | None,
     user: str | None,
-    timeout: str,
+    timeout: str | None,
     as_json: bool,
 ) -> None:
     """Check the way to a database step by step, with a fix for each failure.
@@ -172,15 +176,17 @@ def doctor(
 
     if (url is None) == (not configs):
         raise click.UsageError("give a URL or -c CONFIG (not both)")
+    seconds: float | None = None
+    if timeout is not None:
+        try:
+            seconds = parse_duration(timeout)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--timeout") from None
     try:
         if url is not None:
             if database is not None:
                 raise click.UsageError("--database goes with -c")
-            try:
-                seconds = parse_duration(timeout)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--timeout") from None
-            targets = [from_url(url, cert=cert, key=key, ca=ca, sni=sni, user=user, timeout=seconds)]
+            targets = [from_url(url, cert=cert, key=key, ca=ca, sni=sni, user=user, timeout=seconds or 5.0)]
         else:
             given = [name for name, v in (("--cert", cert), ("--key", key), ("--ca", ca), ("--sni", sni)) if v]
             if given:
@@ -194,7 +200,7 @@ def doctor(
                     if database
                     else "the config has no databases"
                 )
-            targets = [from_database(db, config, user) for db in dbs]
+            targets = [from_database(db, config, user, timeout=seconds) for db in dbs]
     except TargetError as exc:
         raise click.UsageError(str(exc)) from None
     reports = [diagnose(t) for t in targets]

@@ -84,7 +84,7 @@ def _days(n: int) -> str:
 def expires_within(cert: x509.Certificate, now: dt.datetime, seconds: float) -> str | None:
     left = cert.not_valid_after_utc - now
     if dt.timedelta(0) < left <= dt.timedelta(seconds=seconds):
-        return f"expires in {_days(left.days)}, at {stamp(cert.not_valid_after_utc)}"
+        return f"expires in {_days(round(left.total_seconds() / 86400))}, at {stamp(cert.not_valid_after_utc)}"
     return None
 
 

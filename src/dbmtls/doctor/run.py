@@ -214,8 +214,9 @@ class Doctor:
                 )
             )
             return self.skip_rest("tls.mode is DISABLE")
+        started = time.monotonic()
         preamble = self.preamble(wire, self.probe)
-        self.add(preamble[0])
+        self.add(preamble[0], started)
         if not preamble[1]:
             return self.skip_rest(f"the {self.probe.preamble_title} step failed")
         if not files_ok:
@@ -546,6 +547,8 @@ class Doctor:
         self.add(checks.client_cert_step(t, self.identity_chain, request, hs.request_known and hs.attached, self.now))
         if hs.verify_code is not None:
             return self.skip_rest("the server's certificate is not trusted (nothing is sent to an unverified server)")
+        if t.tls.insecureSkipVerify:
+            return self.skip_rest("the server is not verified (insecureSkipVerify): nothing is sent to it")
         if rejected_in_handshake:
             assert hs.error is not None
             self.add(self.rejected(hs, hs.error, "during the handshake"))
@@ -695,15 +698,15 @@ class Doctor:
                 )
             )
             self.add(step)
+        elif hs.sock is not None and hs.sock.version() == "TLSv1.2":
+            summary = "the server accepted the session (TLS 1.2: its verdict on our certificate is in the handshake)"
+            self.add(Step("answer", "server's answer", Status.OK, summary))
         else:
             wait = min(ANSWER_WAIT, t.handshake_timeout)
             try:
                 data = wire.recv(4096, timeout=wait)
             except TimeoutError:
-                if hs.version == TLS13:
-                    summary = f"no alert within {wait:g}s after the handshake: the server accepted the session"
-                else:
-                    summary = "the server accepted the session (TLS 1.2 decides during the handshake)"
+                summary = f"no alert within {wait:g}s after the handshake: the server accepted the session"
                 self.add(Step("answer", "server's answer", Status.OK, summary))
             except OSError as exc:
                 self.add(self.rejected(hs, exc, after))

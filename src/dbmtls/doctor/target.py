@@ -96,7 +96,8 @@ class Target:
         }.get(field, field)
 
 
-def from_database(db: DatabaseConfig, config: Config, user: str | None = None) -> Target:
+def from_database(db: DatabaseConfig, config: Config, user: str | None = None, timeout: float | None = None) -> Target:
+    """``timeout``: instead of the database's connectTimeout and handshakeTimeout."""
     host, port = db.dial_target
     t = db.tls
     default = (t.clientCertificate, t.privateKey) if t.clientCertificate and t.privateKey else None
@@ -125,8 +126,8 @@ def from_database(db: DatabaseConfig, config: Config, user: str | None = None) -
         tls=t,
         direct_tls=db.directTls,
         dns=config.dns,
-        connect_timeout=db.connectTimeout,
-        handshake_timeout=db.handshakeTimeout,
+        connect_timeout=timeout or db.connectTimeout,
+        handshake_timeout=timeout or db.handshakeTimeout,
         expiry_warning=config.certificateExpiryWarning,
         logins=tuple(logins),
     )
