@@ -11,6 +11,7 @@ Nothing waits on time: each server's fixture returns once it accepts connections
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -461,3 +462,33 @@ def _config(tmp_path: Path, *databases: dict[str, Any]) -> Path:
     path = tmp_path / "dbmtls.yaml"
     path.write_text(yaml.safe_dump({"databases": list(databases)}, sort_keys=False))
     return path
+
+
+# --- the README's sample is real output -------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SAMPLE = re.compile(r"<!-- doctor sample -->\n```text\n\$ (.*?)\n(.*?)```", re.S)
+
+
+def _normalized(text: str) -> str:
+    text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", "<time>", text)
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text).rstrip()
+
+
+def test_readme_sample_is_real_output(
+    pki: PKI, pg: PostgresTLS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README shows this very scenario: a client certificate from a CA the server does not trust."""
+    match = SAMPLE.search(README.read_text(encoding="utf-8"))
+    assert match, "README.md has no <!-- doctor sample --> block"
+    command, shown = match.group(1), match.group(2)
+    other = pki.client_for(USER, ca=pki.other_ca)
+    (tmp_path / "pki").mkdir()
+    for src, name in ((pki.ca_cert, "ca.crt"), (other.cert, "app.crt"), (other.key, "app.key")):
+        shutil.copy2(src, tmp_path / "pki" / name)  # copy2: the key stays 0600
+    monkeypatch.chdir(tmp_path)
+    args = command.split()[2:]  # after "dbmtls doctor"
+    args[0] = f"postgres://127.0.0.1:{pg.port}"
+    result = CliRunner().invoke(main, ["doctor", *args])
+    assert result.exit_code == 1
+    assert _normalized(result.output) == _normalized(shown), result.output

@@ -60,7 +60,7 @@ def diagnose(target: Target, *, hosts_file: str = HOSTS_FILE, now: dt.datetime |
 class Handshake:
     log: HandshakeLog
     attached: bool  # the message callback worked: CertificateRequest and alerts are known
-    sock: ssl.SSLSocket | None = None  # the handshake completed and the server was verified
+    sock: ssl.SSLSocket | None = None  # the handshake completed (and the names were checked)
     error: BaseException | None = None
     verify_code: int | None = None
     verify_message: str = ""
@@ -70,11 +70,6 @@ class Handshake:
     @property
     def version(self) -> int | None:
         return self.log.version
-
-    @property
-    def reached_verdict(self) -> bool:
-        """Our side finished: the server's chain passed verification (the server may still refuse us)."""
-        return self.sock is not None or (self.verify_code is None and self.log.sent_finished)
 
     @property
     def request_known(self) -> bool:
@@ -175,6 +170,10 @@ class Doctor:
     def add(self, step: Step, started: float | None = None) -> Step:
         if started is not None:
             step.elapsed_ms = (time.monotonic() - started) * 1000
+        for earlier in self.report.steps:
+            if step.fix is not None and earlier.fix == step.fix:
+                step.fix = f"as for {earlier.title}, above"
+                break
         self.report.steps.append(step)
         return step
 
