@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import ssl
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dbmtls.doctor import (
     from_url,
     render_json,
     render_text,
+    run,
     tlswire,
 )
 from dbmtls.doctor.target import Target
@@ -134,7 +136,7 @@ def test_the_log_sees_what_openssl_got(pki: PKI, version: ssl.TLSVersion) -> Non
     client.load_cert_chain(pki.client.cert, pki.client.key)
     log = tlswire.HandshakeLog()
     assert log.attach(client)
-    _handshake(client, server)
+    obj = _handshake(client, server)
     assert log.version == (0x0304 if version is ssl.TLSVersion.TLSv1_3 else 0x0303)
     chain = certinfo.load_der_chain(log.server_chain() or [])
     assert [certinfo.name_text(c.subject) for c in chain] == ["CN=localhost", "CN=dbmtls test CA"]
@@ -143,6 +145,9 @@ def test_the_log_sees_what_openssl_got(pki: PKI, version: ssl.TLSVersion) -> Non
     assert sent is not None and len(sent) > 8
     assert log.sent_finished and log.server_finished
     assert log.received_alert() is None
+    # the fallback for a Python without the callback: get_unverified_chain (private before 3.13)
+    fallback = run._chain(obj, "get_unverified_chain")  # type: ignore[arg-type]
+    assert [c.subject for c in fallback] == [c.subject for c in chain]
 
 
 # --- names and certificates --------------------------------------------------------------------------------
@@ -222,6 +227,21 @@ def test_key_checks_name_the_file_and_never_show_the_key(pki: PKI, tmp_path: Pat
         certinfo.load_certs(pki.client.key, "client certificate")
     with pytest.raises(certinfo.FileProblem, match="does not exist"):
         certinfo.load_certs(str(tmp_path / "nope.crt"), "CA file")
+
+
+@pytest.mark.parametrize(
+    ("exc", "said", "fix"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), "connection refused", "start the server"),
+        (TimeoutError(), "no answer within 5s", "a firewall, security group or NetworkPolicy drops the packets"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "unreachable (No route to host)", "there is no route"),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "unreachable", "there is no route"),
+    ],
+)
+def test_tcp_failures_each_with_its_fix(exc: OSError, said: str, fix: str) -> None:
+    summary, hint = run.Doctor(_target())._why(exc)
+    assert summary.startswith(said)
+    assert hint.startswith(fix)
 
 
 # --- targets and rendering --------------------------------------------------------------------------------

@@ -487,7 +487,7 @@ class Doctor:
         started = time.monotonic()
         try:
             hs = self.handshake(wire, t.identity)
-        except (ssl.SSLError, OSError) as exc:  # the context itself (files passed, so rare)
+        except (OSError, ValueError) as exc:  # the context or the name itself (files passed, so rare)
             self.add(Step("tls", "TLS handshake", Status.FAIL, f"cannot build the TLS context: {exc}"))
             return self.skip_rest("no TLS context")
         log = hs.log
@@ -736,7 +736,10 @@ class Doctor:
         step, go_on, _ = self.preamble(wire, probe)
         if not go_on:
             return Step("login", title, Status.FAIL, f"{probe.preamble_title}: {step.summary}", fix=step.fix)
-        hs = self.handshake(wire, login.cert)
+        try:
+            hs = self.handshake(wire, login.cert)
+        except (OSError, ValueError) as exc:
+            return Step("login", title, Status.FAIL, f"cannot build the TLS context: {exc}")
         if hs.sock is None:
             if hs.verify_code is not None:
                 return Step("login", title, Status.FAIL, f"the server was not verified: {hs.verify_message}")
