@@ -300,3 +300,18 @@ def test_rendering_marks_and_ok() -> None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def test_the_servers_answer_outranks_the_ca_names(tmp_path: Path) -> None:
+    """A server may trust an issuer it does not name: once it accepted us, the mismatch is a warning."""
+    ca = create_ca(tmp_path / "ca", common_name="issuing CA")
+    client = issue(ca, tmp_path / "c", client_cn="app")
+    chain = certinfo.load_certs(str(client / "tls.crt"), "c")
+    named = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "root CA")]).public_bytes()
+    step = checks.client_cert_step(_target(), chain, tlswire.CertificateRequest((named,)), True, _now())
+    assert step.status is Status.FAIL and step.data["issuer_not_named"] is True
+    doctor = run.Doctor(_target())
+    doctor.report.steps += [step, Step("answer", "server's answer", Status.OK, "Redis answered PING over TLS")]
+    doctor._reconcile()
+    assert doctor.report.steps[0].status == Status.WARN and step.fix is None
+    assert "the server accepted it all the same" in step.details[-1]

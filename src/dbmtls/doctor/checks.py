@@ -292,17 +292,21 @@ def client_cert_step(
         problems.append(f"its Extended Key Usage is {', '.join(eku)}, without clientAuth: servers refuse it")
         fixes.append("reissue it for client authentication (dbmtls certs issue --client CN)")
     accepted = [certinfo.der_name(n) for n in (request.authorities if request else ())]
+    issuer_not_named = False
     if accepted:
         if any(certinfo.same_name(issuer, a) for issuer in _issuers(chain) for a in accepted):
             details.append("its issuer is one of the CAs the server accepts")
         else:
             names = "; ".join(certinfo.name_text(a) if a else "?" for a in accepted)
+            issuer_not_named = True
             problems.append(f"it is issued by {certinfo.name_text(leaf.issuer)}, and the server accepts only {names}")
             fixes.append(
                 f"use a client certificate issued by {names}, or add {certinfo.name_text(leaf.issuer)} to the "
                 "server's CA file (ssl_ca_file, tls-ca-cert-file, ssl-ca)"
             )
     if problems:
+        # only the CA names disagree: the server may still accept it (a chain it did not name)
+        data["issuer_not_named"] = issuer_not_named and len(problems) == 1
         return Step("client-cert", title, Status.FAIL, "; ".join(problems), details, "; ".join(fixes), data)
     if known and request is None:
         return Step(

@@ -553,6 +553,18 @@ class Doctor:
             self.add(self.rejected(hs, hs.error, "during the handshake"))
             return self.skip_rest("the server rejected the TLS session")
         self.answer_and_login(wire, hs)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """The server's answer outranks our guess from the CA names it listed."""
+        found = {s.id: s for s in self.report.steps}
+        ours, answer = found.get("client-cert"), found.get("answer")
+        if ours and answer and answer.status is Status.OK and ours.data.get("issuer_not_named"):
+            ours.status = Status.WARN
+            ours.details.append(
+                "the server accepted it all the same: it trusts the issuer through a CA it did not name"
+            )
+            ours.fix = None
 
     def tls_failure(self, hs: Handshake, version: str) -> Step:
         t, exc = self.t, hs.error
