@@ -250,6 +250,82 @@ def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+@main.command(short_help="Check the way to a database step by step, with fixes.")
+@click.argument("url", required=False)
+@click.option("-c", "--config", "configs", multiple=True, help=CONFIG_HELP)
+@click.option("--database", "database", default=None, help="With -c: only this database (default: every one).")
+@click.option("--cert", default=None, help="URL: client certificate (PEM) to present.")
+@click.option("--key", default=None, help="URL: its private key (PEM).")
+@click.option("--ca", default=None, help="URL: CA bundle that verifies the server (default: the system trust store).")
+@click.option("--sni", default=None, help="URL: the name to send and verify (default: the URL's host).")
+@click.option("--user", default=None, help="PostgreSQL/MySQL: log in as this user (with -c: its userCertificates).")
+@click.option(
+    "--timeout",
+    default=None,
+    help="Connect and per-step timeout (URL default 5s; with -c: instead of connectTimeout/handshakeTimeout).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The same steps as a JSON document.")
+def doctor(
+    url: str | None,
+    configs: tuple[str, ...],
+    database: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    sni: str | None,
+    user: str | None,
+    timeout: str | None,
+    as_json: bool,
+) -> None:
+    """Check the way to a database step by step, with a fix for each failure.
+
+    \b
+    DNS (and /etc/hosts), TCP, the protocol's plaintext preamble, the TLS handshake, the
+    server's certificate, the client certificate the server asks for and its verdict on
+    ours, and a PostgreSQL/MySQL login.  Either every database of a config:
+      dbmtls doctor -c dbmtls.yaml [--database NAME] [--user U]
+    or one server by URL (postgres://, postgresql://, cockroachdb://, mysql://, mariadb://,
+    redis://, rediss://, mongodb://, tcp://HOST:PORT):
+      dbmtls doctor postgres://db.example:5432 --cert tls.crt --key tls.key --ca ca.crt --user app
+    Exit 0 when every step passes, 1 otherwise, 2 for bad usage.
+    """
+    from dbmtls.config.model import parse_duration
+    from dbmtls.doctor import TargetError, diagnose, from_database, from_url, render_json, render_text
+
+    if (url is None) == (not configs):
+        raise click.UsageError("give a URL or -c CONFIG (not both)")
+    seconds: float | None = None
+    if timeout is not None:
+        try:
+            seconds = parse_duration(timeout)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--timeout") from None
+    try:
+        if url is not None:
+            if database is not None:
+                raise click.UsageError("--database goes with -c")
+            targets = [from_url(url, cert=cert, key=key, ca=ca, sni=sni, user=user, timeout=seconds or 5.0)]
+        else:
+            given = [name for name, v in (("--cert", cert), ("--key", key), ("--ca", ca), ("--sni", sni)) if v]
+            if given:
+                raise click.UsageError(f"{', '.join(given)} go with a URL; with -c the config says it")
+            config = _load(configs)
+            dbs = [db for db in config.databases if database is None or db.name == database]
+            if not dbs:
+                names = ", ".join(db.name for db in config.databases) or "none"
+                raise click.UsageError(
+                    f"no database {database!r} in the config (databases: {names})"
+                    if database
+                    else "the config has no databases"
+                )
+            targets = [from_database(db, config, user, timeout=seconds) for db in dbs]
+    except TargetError as exc:
+        raise click.UsageError(str(exc)) from None
+    reports = [diagnose(t) for t in targets]
+    click.echo(render_json(reports) if as_json else render_text(reports))
+    sys.exit(0 if all(r.ok for r in reports) else 1)
+
+
 @main.command(short_help="Exit 0 once a running dbmtls is ready (/readyz is 200).")
 @click.option("--admin", "admin", default="127.0.0.1:15000", show_default=True, help="Admin server address.")
 @click.option("--timeout", "timeout", default="30s", show_default=True, help="How long to wait (e.g. 30s, 2m).")
