@@ -752,3 +752,26 @@ def test_check_warns_about_plaintext_to_the_server(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(cfg)])
     assert result.exit_code == 0
     assert "tls.mode is DISABLE: traffic to the database is NOT encrypted" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "databases:\n  - {name: x, protocl: redis, listen: '127.0.0.1:7000', address: 'localhost:6379'}\n",
+            "databases[0].protocl: unknown field: did you mean protocol?",
+        ),
+        (
+            "databases:\n  - name: x\n    protocol: redis\n    listen: 127.0.0.1:7000\n    address: localhost:6379\n"
+            "    tls: {mode: MUTUAL, clientCertficate: a, privateKey: b}\n",
+            "databases[0].tls.clientCertficate: unknown field: did you mean clientCertificate?",
+        ),
+        ("databses: []\n", "databses: unknown field: did you mean databases?"),
+        ("admin: {lsiten: off}\n", "admin.lsiten: unknown field: did you mean listen?"),
+    ],
+)
+def test_a_misspelled_field_is_named_with_what_was_meant(tmp_path: Path, text: str, message: str) -> None:
+    """Not "protocol: Field required (and 1 more error)": the typo is the cause, so it comes first."""
+    with pytest.raises(ConfigError) as err:
+        load_config([write(tmp_path, "c.yaml", text)])
+    assert message in str(err.value)

@@ -19,6 +19,7 @@ Besides the Config, the loader records where each setting came from and what was
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,8 +71,40 @@ def _loc(loc: Iterable[int | str]) -> str:
     return out
 
 
+def _known_fields() -> list[str]:
+    """Every field name of the config models, for "did you mean" hints."""
+    names: set[str] = set()
+    seen: set[type] = set()
+
+    def walk(model: type) -> None:
+        if model in seen or not hasattr(model, "model_fields"):
+            return
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(name)
+            for arg in (info.annotation, *getattr(info.annotation, "__args__", ())):
+                for inner in (arg, *getattr(arg, "__args__", ())):
+                    if isinstance(inner, type):
+                        walk(inner)
+
+    walk(Config)
+    return sorted(names)
+
+
+def _spelling(errors: list[Any], key: str, parent: tuple[Any, ...]) -> str:
+    """A likely intended name for unknown field ``key``: a missing sibling first, else any field."""
+    missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and tuple(e["loc"][:-1]) == parent]
+    match = difflib.get_close_matches(key, missing, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, _known_fields(), n=1, cutoff=0.75
+    )
+    return f": did you mean {match[0]}?" if match else " (check the spelling)"
+
+
 def _from_validation(err: ValidationError, source: str, prefix: str = "", drop: int = 0) -> ConfigError:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelled key explains the "Field required" of the key it was meant to be: say it first.
+    errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     path = _loc(first["loc"][drop:])
     blamed = (first.get("ctx") or {}).get("error")
     if isinstance(blamed, FieldError):
@@ -80,9 +113,9 @@ def _from_validation(err: ValidationError, source: str, prefix: str = "", drop: 
         path = f"{prefix}.{path}" if path else prefix
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling)"
+        msg = "unknown field" + _spelling(errors, str(first["loc"][-1]), tuple(first["loc"][:-1]))
     msg = msg.removeprefix("Value error, ")
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"
     return ConfigError(msg, source=source, path=path or None)
@@ -353,7 +386,10 @@ def _collect_sections(doc: dict[str, Any], src: str, collected: _Collected) -> N
     """A dbmtls config's top-level sections (everything but its databases), validated now."""
     unknown = set(doc) - _TOP_LEVEL
     if unknown:
-        raise ConfigError("unknown field (check the spelling)", source=src, path=sorted(unknown)[0])
+        key = sorted(unknown)[0]
+        match = difflib.get_close_matches(key, sorted(_TOP_LEVEL), n=1, cutoff=0.6)
+        hint = f": did you mean {match[0]}?" if match else " (check the spelling)"
+        raise ConfigError(f"unknown field{hint}", source=src, path=key)
     rest = {k: v for k, v in doc.items() if k not in ("databases", "overrides")}
     try:
         Config.model_validate(rest)
