@@ -281,7 +281,7 @@ class UpstreamProtocolError(UpstreamError):
 
 class TLSHandshakeError(UpstreamError):
     reason = Reason.HANDSHAKE_FAILED
-    default_hint = "run 'dbmtls check' and compare the server certificate with the tls settings"
+    default_hint = "run 'dbmtls doctor -c CONFIG': it shows the server's certificate chain and what the server asks for"
 
 
 class TLSVersionMismatch(TLSHandshakeError):
@@ -291,7 +291,10 @@ class TLSVersionMismatch(TLSHandshakeError):
 
 class UnknownCA(TLSHandshakeError):
     reason = Reason.UNKNOWN_CA
-    default_hint = "the server certificate does not chain to tls.caCertificates; check the CA bundle"
+    default_hint = (
+        "the server certificate does not chain to tls.caCertificates; check the CA bundle "
+        "(dbmtls doctor shows the chain the server sends)"
+    )
 
 
 class NameMismatch(TLSHandshakeError):
@@ -306,4 +309,7 @@ class CertificateExpired(TLSHandshakeError):
 
 class ClientCertRejected(TLSHandshakeError):
     reason = Reason.CLIENT_CERT_REJECTED
-    default_hint = "the server does not accept the client certificate; check its CA and that it is not expired"
+    default_hint = (
+        "the server does not accept the client certificate; check its CA and that it is not expired "
+        "(dbmtls doctor shows the CAs the server accepts)"
+    )

@@ -400,7 +400,7 @@ def test_glue_failures_use_the_format_of_the_phase() -> None:
     drain(after2)
     seq, payload = split(after2.fail(TLSHandshakeError("certificate verify failed")))
     assert (seq, payload[:9]) == (2, b"\xff\x13\x04#08S01")
-    assert b"(hint: run 'dbmtls check'" in payload
+    assert b"(hint: run 'dbmtls doctor -c CONFIG'" in payload
     assert drain(after2) == []
     after2.receive_server_data(b"ignored")  # no exception, no action once failed
     assert drain(after2) == []
