@@ -472,6 +472,11 @@ SAMPLE = re.compile(r"<!-- doctor sample -->\n```text\n\$ (.*?)\n(.*?)```", re.S
 
 def _normalized(text: str) -> str:
     text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", "<time>", text)
+    # The server sends its alert and closes; when our StartupMessage is still unread on its side,
+    # its kernel answers with a reset that can overtake the alert. Which of the two the doctor
+    # reads is a race of the network stack, so the sample's wording of that one step is not
+    # compared (that it fails, and the steps around it, are).
+    text = re.sub(r"(✗ server's answer:)[^\n]*\n(?:\s+fix:[^\n]*\n)?", r"\1 <alert or close>\n", text)
     return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text).rstrip()
 
 
