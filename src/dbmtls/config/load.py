@@ -47,6 +47,7 @@ _TOP_LEVEL = {
     "log",
     "dns",
     "drainTimeout",
+    "dataPlane",
     "certificateExpiryWarning",
     "maxConnections",
     "overrides",
