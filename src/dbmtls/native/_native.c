@@ -196,14 +196,13 @@ static PyObject *Context_ciphers(ContextObject *self, PyObject *unused) {
     (void)unused;
     SSL *ssl = SSL_new(self->ctx);
     if (!ssl) return raise_openssl("SSL_new");
-    STACK_OF(SSL_CIPHER) *sk = SSL_get1_supported_ciphers(ssl);
+    STACK_OF(SSL_CIPHER) *sk = SSL_get_ciphers(ssl); /* the configured list, as CPython's get_ciphers() */
     PyObject *out = PyList_New(0);
     for (int i = 0; out && sk && i < sk_SSL_CIPHER_num(sk); i++) {
         PyObject *name = PyUnicode_FromString(SSL_CIPHER_get_name(sk_SSL_CIPHER_value(sk, i)));
         if (!name || PyList_Append(out, name) < 0) Py_CLEAR(out);
         Py_XDECREF(name);
     }
-    sk_SSL_CIPHER_free(sk);
     SSL_free(ssl);
     return out;
 }
@@ -220,7 +219,7 @@ static PyObject *Context_settings(ContextObject *self, PyObject *unused) {
 
 static PyMethodDef Context_methods[] = {
     {"leaf_der", (PyCFunction)Context_leaf_der, METH_NOARGS, "DER of the client certificate, or None."},
-    {"ciphers", (PyCFunction)Context_ciphers, METH_NOARGS, "Names of the cipher suites offered, in order."},
+    {"ciphers", (PyCFunction)Context_ciphers, METH_NOARGS, "Names of the configured cipher suites, in order."},
     {"settings", (PyCFunction)Context_settings, METH_NOARGS, "The settings OpenSSL holds (for tests)."},
     {NULL, NULL, 0, NULL},
 };
@@ -266,6 +265,7 @@ typedef struct side {
     unsigned flush_close : 1; /* close it once `out` is written */
     unsigned shut_wr : 1;     /* plain TCP: pass an EOF on (shutdown SHUT_WR) once `out` is written */
     unsigned registered : 1;  /* in the worker's epoll set */
+    unsigned hup : 1;         /* the peer's FIN (or an error) is pending: a short read is not "drained" */
     pend_t out;               /* bytes waiting to be written to this side (backpressure) */
 } side_t;
 
@@ -554,7 +554,9 @@ static long bio_cb(BIO *b, int oper, const char *argp, size_t len, int argi, lon
         return 1;
     }
     if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
-        if (c && ((ret > 0 && processed && *processed < len) || (ret <= 0 && BIO_should_retry(b))))
+        /* a short read is "drained" unless the peer's FIN is pending: its edge has already fired,
+         * so only reading on until recv says 0 finds it */
+        if (c && ((ret > 0 && processed && *processed < len && !c->up.hup) || (ret <= 0 && BIO_should_retry(b))))
             c->up_drained = 1;
         return ret;
     }
@@ -915,7 +917,7 @@ static int pump(conn_t *c) {
                 atomic_store_explicit(&c->from_app, atomic_load_explicit(&c->from_app, memory_order_relaxed) + (uint64_t)n,
                                       memory_order_relaxed);
                 c->last_io = w->now;
-                if (n < BATCH) c->app.readable = 0; /* a short read: the socket is empty */
+                if (n < BATCH && !c->app.hup) c->app.readable = 0; /* a short read: the socket is empty */
                 ssize_t took = can_write_up(c) ? up_write(c, w->scratch, (size_t)n) : 0;
                 if (took < 0) return 0;
                 if (took < n && pend_append(&c->up.out, w->scratch + took, (size_t)(n - took)) < 0) {
@@ -946,7 +948,7 @@ static int pump(conn_t *c) {
                     ssize_t r = recv(c->up.fd, w->scratch + n, want, 0);
                     if (r > 0) {
                         n += (size_t)r;
-                        if ((size_t)r < want) { /* a short read: the socket is empty */
+                        if ((size_t)r < want && !c->up.hup) { /* a short read: the socket is empty */
                             c->up.readable = 0;
                             break;
                         }
@@ -1015,20 +1017,23 @@ static int pump(conn_t *c) {
  * app's socket (sessions/common.py _settle).  TLS 1.3 session tickets are consumed here too. */
 static void ready_read(conn_t *c) {
     worker_t *w = c->w;
-    if (pend_size(&c->app.out) || !can_read_up(c)) return;
-    size_t n = 0;
+    size_t held = pend_size(&c->app.out);
+    /* hold at most a batch (then stop reading: the relay picks up from there), but keep reading
+     * while less is held, so a close right after a banner is seen */
+    if (held >= BATCH || !can_read_up(c)) return;
+    size_t n = 0, room = BATCH - held;
     int ended = 0;
     errinfo_t err = {0};
-    while (n < BATCH) {
+    while (n < room) {
         ssize_t r;
         int saved = 0, e = 0;
         errno = 0;
         if (c->ssl) {
-            r = SSL_read(c->ssl, w->scratch + n, (int)(BATCH - n));
+            r = SSL_read(c->ssl, w->scratch + n, (int)(room - n));
             saved = errno;
             if (r <= 0) e = SSL_get_error(c->ssl, (int)r);
         } else {
-            r = recv(c->up.fd, w->scratch + n, BATCH - n, 0);
+            r = recv(c->up.fd, w->scratch + n, room - n, 0);
             saved = errno;
         }
         if (r > 0) {
@@ -1287,6 +1292,7 @@ static void *worker_main(void *arg) {
                 s->readable = 1;
                 if (s == &c->up) c->up_drained = 0;
             }
+            if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->hup = 1;
             if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->writable = 1;
             run_later(c);
         }
