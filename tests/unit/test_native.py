@@ -568,3 +568,30 @@ def test_tls_server_certificate_issued_for_an_ip_is_verified_by_ip(pki: PKI, rig
         assert classified(_exception(hs[6], "127.0.0.2"))[0].__name__ == "NameMismatch"
     finally:
         server.close()
+
+
+def test_plain_tcp_toward_the_server_passes_half_closes_on(rig: Rig) -> None:
+    """tls.mode DISABLE: no TLS, and TCP can half-close, so the app's EOF reaches the server and
+    the server's answer after it still reaches the app (relay.py: write_eof)."""
+
+    def answer_after_eof(conn: Any) -> None:
+        got = b""
+        while chunk := conn.recv(100):
+            got += chunk
+        conn.sendall(b"you said " + got)
+        conn.close()
+
+    server = Server(None, answer_after_eof)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        conn = rig.engine.connect(sock.detach(), None, "localhost", check_hostname=False, want_peer_cert=False)
+        hs = rig.wait(conn, "handshake")
+        assert hs[2] and hs[3] == ""  # no TLS version: plaintext
+        app = rig.relay(conn, pending=b"hello")
+        app.shutdown(socket.SHUT_WR)
+        assert recv_exact(app, 100) == b"you said hello"
+        closed = rig.wait(conn, "closed")
+        assert closed[2] == 0
+    finally:
+        server.close()
