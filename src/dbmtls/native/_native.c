@@ -672,8 +672,11 @@ static void prefer_alert(conn_t *c, errinfo_t *err) {
         if (r > 0) continue; /* bytes the app will never get: the connection is failing */
         int saved = errno;
         int e = SSL_get_error(c->ssl, r);
-        if (e == SSL_ERROR_SSL) capture_ssl_error(c, r, e, saved, err);
-        else ERR_clear_error();
+        errinfo_t alert;
+        capture_ssl_error(c, r, e, saved, &alert);
+        /* only an alert the server sent says more than the write error ("protocol is shutdown"
+         * or the like would say less) */
+        if (alert.kind == E_SSL && strstr(alert.reason, "ALERT")) *err = alert;
         break;
     }
     c->up_drained = saved_drained;
