@@ -595,3 +595,37 @@ def test_plain_tcp_toward_the_server_passes_half_closes_on(rig: Rig) -> None:
         assert closed[2] == 0
     finally:
         server.close()
+
+
+def test_check_says_which_database_runs_on_which_plane(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dbmtls.cli import main
+
+    tls = {"mode": "MUTUAL", "clientCertificate": pki.client.cert, "privateKey": pki.client.key}
+    config = {
+        "dataPlane": "native",
+        "databases": [
+            {"name": "cache", "protocol": "redis", "listen": "127.0.0.1:1", "address": "localhost:2", "tls": tls},
+            {"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:3", "address": "localhost:4", "tls": tls},
+        ],
+    }
+    path = tmp_path / "dbmtls.yaml"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"# data plane: native ({native.OPENSSL_VERSION}) for cache\n" in result.stdout
+    assert "#   python for pg: their protocols are relayed by python for now\n" in result.stdout
+
+    # without the extension: a warning per database (run falls back), not an error
+    import dbmtls.native
+
+    monkeypatch.setattr(dbmtls.native, "_loaded", (None, "the extension dbmtls._native is not available (test)"))
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# data plane: python (native asked for, not available:" in result.stdout
+    assert "warning: cache: dataPlane native is not available, dbmtls run uses python:" in result.stderr

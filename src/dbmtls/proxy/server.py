@@ -31,19 +31,29 @@ from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
 from dbmtls.proxy.upstream import Dialer
 
 
-def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
-    """The session driver ``spec.session`` names (``module:Class``), made for ``rt``.
+def session_class(spec: ProtocolSpec) -> type[Session]:
+    """The session driver ``spec.session`` names (``module:Class``).
 
     A registry entry whose driver does not resolve is a bug of dbmtls: it stops the start
     with an error naming the entry, never falls back to an opaque relay.
     """
     module_name, _, class_name = spec.session.partition(":")
     try:
-        driver = getattr(importlib.import_module(module_name), class_name)
+        driver: type[Session] = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise RuntimeError(f"protocol {spec.name!r}: session driver {spec.session!r} not found: {exc}") from exc
-    session: Session = driver(rt)
-    return session
+    return driver
+
+
+def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
+    """The session driver of ``spec``, made for ``rt``."""
+    return session_class(spec)(rt)
+
+
+def runs_native(spec: ProtocolSpec) -> bool:
+    """Whether ``dataPlane: native`` applies to the protocol (its session dials and relays
+    through ``sessions.common``; docs/native.md)."""
+    return bool(getattr(session_class(spec), "native_capable", False))
 
 
 class _Accepted(Endpoint):
@@ -80,8 +90,8 @@ class Proxy:
             module, self.plane_problem = load_native()
             if module is not None:
                 self.plane = NativePlane(module)
-                for name, rt in self.runtimes.items():
-                    if getattr(self.sessions[name], "native_capable", False):
+                for rt in self.runtimes.values():
+                    if runs_native(rt.spec):
                         rt.native = self.plane
                         rt.tls = NativeClientTLS(rt.db, module)  # before any material is loaded
         self._servers: list[asyncio.Server] = []
