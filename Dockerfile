@@ -40,8 +40,18 @@ RUN set -eu; \
       apt-get install -y --no-install-recommends python3-venv; \
       rm -rf /var/lib/apt/lists/*; \
     fi
-# .dockerignore lets only pyproject.toml, README.md, src/ and build/wheelhouse/ through.
+# .dockerignore lets only pyproject.toml, setup.py, README.md, src/ and build/wheelhouse/ through.
 COPY . /src
+# Without a wheelhouse pip compiles dbmtls._native (the native data plane, docs/native.md) here:
+# a C compiler and the OpenSSL 3 and Python headers, in this stage only (the runtime stage gets
+# the venv, which links the base's libssl3).  The wheelhouse's dbmtls wheel was compiled on the host.
+RUN set -eu; \
+    if ! ls /src/build/wheelhouse/*.whl >/dev/null 2>&1; then \
+      export DEBIAN_FRONTEND=noninteractive; \
+      apt-get update; \
+      apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev python3-dev; \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
 # The wheelhouse (filled on the host by scripts/image.sh) makes this step need no network and
 # no CA bundle: pip is told not to look anywhere else.  Without it, pip fetches from PyPI as
 # usual (the ordinary path; it needs network, and the registry's CA if a proxy re-signs TLS).
@@ -58,7 +68,7 @@ RUN set -eu; \
     /opt/dbmtls/bin/pip uninstall -y -q pip setuptools; \
     /opt/dbmtls/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/dbmtls/lib; \
     /opt/dbmtls/bin/dbmtls version; \
-    /opt/dbmtls/bin/python -c 'import jsonpatch, lightkube'
+    /opt/dbmtls/bin/python -c 'import jsonpatch, lightkube, dbmtls._native'
 
 FROM base AS runtime
 COPY --from=build /opt/dbmtls /opt/dbmtls

@@ -5,7 +5,7 @@
 # `make clean` or deleting .venv forces it.
 setup: .venv/.setup-done
 
-.venv/.setup-done: pyproject.toml scripts/setup.sh
+.venv/.setup-done: pyproject.toml setup.py scripts/setup.sh
 	scripts/setup.sh
 	touch $@
 
@@ -17,8 +17,9 @@ lint: setup
 	.venv/bin/ruff format --check src tests bench
 	.venv/bin/mypy
 
+# DBMTLS_REQUIRE_NATIVE: setup built the native extension, so a test that cannot load it fails
 test: lint
-	.venv/bin/pytest -q
+	DBMTLS_REQUIRE_NATIVE=1 .venv/bin/pytest -q
 
 unit: setup
 	.venv/bin/pytest -q tests/unit

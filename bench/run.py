@@ -60,6 +60,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="dbmtls with --admin off, with the admin/metrics server on, or both as two columns",
     )
     p.add_argument(
+        "--plane",
+        choices=["python", "native", "both"],
+        default="python",
+        help="dbmtls's dataPlane in the redis and memory suites (both: two columns; docs/native.md)",
+    )
+    p.add_argument(
         "--redis-n", default="100000,1000000,15000", help="redis-benchmark -n of the 3 loads (-P 1, -P 32, -d 65536)"
     )
     p.add_argument("--duration", type=int, default=6, help="pgbench -T seconds per run")
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(
         repeat=args.repeat,
         metrics=args.metrics,
+        planes=("python", "native") if args.plane == "both" else (args.plane,),
         only=tuple(o.strip() for o in args.only.split(",") if o.strip()),
         redis_n=(n[0], n[1], n[2]),
         pg_duration=max(1, round(args.duration * args.scale)),
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- host: {platform.node()}, {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, "
         f"after {os.getloadavg()[0]:.2f}; took {elapsed:.0f}s",
         f"- options: suites={','.join(suites)} repeat={opts.repeat} metrics={opts.metrics} "
+        f"planes={','.join(opts.planes)} "
         f"redis -n={list(opts.redis_n)} "
         f"pgbench -T={opts.pg_duration}s scale={opts.pg_scale} mysql queries={opts.mysql_queries} "
         f"connects={opts.mysql_connects}"

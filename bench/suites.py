@@ -68,6 +68,8 @@ class Leg:
 class Options:
     repeat: int = 3
     metrics: str = "off"  # off | on | both: dbmtls with --admin off, with the admin/metrics server, or both
+    # dataPlane(s) of dbmtls in the suites whose protocol the native plane relays (redis, memory)
+    planes: tuple[str, ...] = ("python",)
     only: tuple[str, ...] = ()  # target names to run (empty: all)
     redis_n: tuple[int, int, int] = (100_000, 1_000_000, 15_000)
     pg_duration: int = 6  # pgbench -T takes whole seconds
@@ -109,6 +111,20 @@ def _dbmtls_variants(opts: Options) -> list[tuple[str, bool]]:
         "on": [("dbmtls", True)],
         "both": [("dbmtls", False), ("dbmtls+metrics", True)],
     }[opts.metrics]
+
+
+def _dbmtls_legs(workdir: Path, pki: PKI, up: targets.Upstream, opts: Options) -> list[targets.Proxy]:
+    """dbmtls once per metrics variant and data plane (the native plane as "dbmtls native")."""
+    out = []
+    for plane in opts.planes:
+        for label, metrics in _dbmtls_variants(opts):
+            name = _plane_label(label, plane)
+            out.append(targets.dbmtls(workdir, pki, up, metrics=metrics, label=name, data_plane=plane))
+    return out
+
+
+def _plane_label(label: str, plane: str) -> str:
+    return label if plane == "python" else label.replace("dbmtls", "dbmtls native", 1)
 
 
 @contextlib.contextmanager
@@ -199,8 +215,7 @@ def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         Leg("plaintext, no TLS", ["-p", str(server.plain_port)]),
         Leg("direct TLS", ["-p", str(server.tls_port), *tls_args]),
     ]
-    for label, metrics in _dbmtls_variants(opts):
-        legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+    legs += [Leg(proxy.name, [], proxy) for proxy in _dbmtls_legs(workdir, pki, up, opts)]
     legs += [
         Leg("stunnel", [], targets.stunnel(workdir, pki, up)),
         Leg("HAProxy", [], targets.haproxy(workdir, pki, up)),
@@ -471,7 +486,7 @@ def memory_suite(workdir: Path, pki: PKI, opts: Options) -> None:
     server = Redis(workdir, pki, maxclients=redis_idle * 2 + 1000)
     up = targets.Upstream(server.tls_port, "redis")
     proxies = [
-        targets.dbmtls(workdir, pki, up),
+        *(targets.dbmtls(workdir, pki, up, label=_plane_label("dbmtls", p), data_plane=p) for p in opts.planes),
         targets.stunnel(workdir, pki, up),
         targets.haproxy(workdir, pki, up, maxconn=redis_idle * 2 + 1000),
         targets.nginx(workdir, pki, up, worker_connections=redis_idle * 4 + 1000),

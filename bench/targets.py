@@ -70,10 +70,19 @@ def _dir(workdir: Path, name: str) -> Path:
     return d
 
 
-def dbmtls(workdir: Path, pki: PKI, up: Upstream, *, metrics: bool = False, label: str = "dbmtls") -> Proxy:
-    d = _dir(workdir, label)
+def dbmtls(
+    workdir: Path,
+    pki: PKI,
+    up: Upstream,
+    *,
+    metrics: bool = False,
+    label: str = "dbmtls",
+    data_plane: str = "python",
+) -> Proxy:
+    d = _dir(workdir, label.replace(" ", "-"))
     port = free_port()
-    config = {
+    config: dict[str, object] = {
+        "dataPlane": data_plane,  # native: the relay in dbmtls._native (docs/native.md)
         "databases": [
             {
                 "name": "bench",
@@ -88,7 +97,7 @@ def dbmtls(workdir: Path, pki: PKI, up: Upstream, *, metrics: bool = False, labe
                     "caCertificates": pki.ca_cert,
                 },
             }
-        ]
+        ],
     }
     cfg = d / "dbmtls.yaml"
     cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML

@@ -38,7 +38,7 @@ die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
 # script (which makes the base and the wheelhouse).  The tests compare it with the image's
 # io.dbmtls.source-hash label to skip a rebuild when nothing changed.
 source_hash() {
-  find Dockerfile .dockerignore pyproject.toml README.md scripts/image.sh src -type f \
+  find Dockerfile .dockerignore pyproject.toml setup.py README.md scripts/image.sh src -type f \
       ! -path '*/__pycache__/*' ! -name '*.pyc' ! -path 'src/*.egg-info/*' -print0 \
     | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }
@@ -168,11 +168,12 @@ if [ "$WHEELHOUSE" != 0 ]; then
     *) die "no manylinux wheels for $(uname -m): use WHEELHOUSE=0 (pip inside the build)" ;;
   esac
   # pip does not widen manylinux_2_X tags by itself: list every glibc up to bookworm's 2.36.
-  platforms=(--platform "manylinux2014_$arch")
+  # linux_$arch: dbmtls's own wheel (its C extension, compiled here; PyPI never has such wheels)
+  platforms=(--platform "linux_$arch" --platform "manylinux2014_$arch")
   for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_$arch"); done
   src=$(mktemp -d "${TMPDIR:-/tmp}/dbmtls-src.XXXXXX")
-  cp -r pyproject.toml README.md src "$src/"
-  rm -rf "$src"/src/*.egg-info
+  cp -r pyproject.toml setup.py README.md src "$src/"
+  rm -rf "$src"/src/*.egg-info "$src"/src/dbmtls/*.so
   # (the build backend's chatter goes to build/wheel.log, shown when it fails)
   "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHEELS" "$src" > build/wheel.log 2>&1 \
     || { tail -n 30 build/wheel.log >&2; rm -rf "$src"; die "building the dbmtls wheel failed (build/wheel.log)"; }

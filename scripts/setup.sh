@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client dnsmasq-base)
+# gcc and libssl-dev: pip compiles dbmtls._native, the native data plane (docs/native.md)
+want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client dnsmasq-base gcc libssl-dev)
 if [ "${1:-}" = "bench" ]; then
   want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer)
 fi
@@ -69,4 +70,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# The extension is optional for pip (a platform without a compiler still gets dbmtls, on the
+# Python data plane); here it must have been built, or the native tests would be skipped.
+if ! .venv/bin/python -c 'import dbmtls._native' 2>/dev/null; then
+  echo "setup: dbmtls._native was not built (see: .venv/bin/python -m pip install -v -e .)" >&2
+  exit 1
+fi
 echo "setup: done ($(.venv/bin/dbmtls version))"

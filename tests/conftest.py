@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,27 @@ def echo(pki: PKI) -> Iterator[TLSEchoServer]:
     server = TLSEchoServer(pki.server, pki.ca_cert).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", params=["python", "native"])
+def data_plane(request: pytest.FixtureRequest) -> str:
+    """The ``dataPlane`` a module's dbmtls runs with: the end-to-end tests of the protocols the native
+    plane relays (Redis, MongoDB, TCP) run against both, asserting the same things (docs/native.md).
+
+    Without the extension the native runs are skipped with the reason, unless
+    ``DBMTLS_REQUIRE_NATIVE=1`` (set it in CI, where the extension is always built) makes that a
+    failure: a silent fallback would test the Python plane twice.
+    """
+    plane: str = request.param
+    if plane == "native":
+        from dbmtls.native import load
+
+        module, why = load()
+        if module is None:
+            if os.environ.get("DBMTLS_REQUIRE_NATIVE") == "1":
+                pytest.fail(f"DBMTLS_REQUIRE_NATIVE=1: {why}")
+            pytest.skip(str(why))
+    return plane
 
 
 @pytest.fixture

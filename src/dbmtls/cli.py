@@ -140,6 +140,7 @@ def check(configs: tuple[str, ...], as_json: bool, bind_check: bool) -> None:
     dns_problems: list[dict[str, Any]] = []
     dns_lines = _check_dns(config, dns_problems)
     errors = [e for r in reports for e in r["errors"]] + dns_problems + _check_serving(config, bind=bind_check)
+    plane_lines = _check_plane(config, reports)
     for db, report in zip(config.databases, reports, strict=True):
         if db.tls.mode == "DISABLE":
             report["warnings"].append("tls.mode is DISABLE: traffic to the database is NOT encrypted")
@@ -152,6 +153,7 @@ def check(configs: tuple[str, ...], as_json: bool, bind_check: bool) -> None:
             "databases": reports,
             "notes": [n.as_json() for n in notes],
             "dns": dns_lines,
+            "dataPlane": plane_lines,
             "errors": errors,
         }
         click.echo(json.dumps(out, indent=2))
@@ -171,7 +173,7 @@ def check(configs: tuple[str, ...], as_json: bool, bind_check: bool) -> None:
                 click.echo(f"#   {note_text(note)}")
         for note in notes:
             click.echo(f"# skipped: {note}")
-        for line in dns_lines:
+        for line in dns_lines + plane_lines:
             click.echo(f"# {line}")
         click.echo(yaml.safe_dump(dump, sort_keys=False).rstrip())
     for report in reports:
@@ -216,6 +218,27 @@ def _check_serving(config: Config, *, bind: bool) -> list[dict[str, Any]]:
                 )
                 problems.append({"kind": "listen", "database": name, "message": text, "text": text})
     return problems
+
+
+def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
+    """Who would move each database's bytes (docs/native.md); a warning per database when
+    dataPlane native cannot be had here (run falls back to python, so it is not an error)."""
+    from dbmtls.native import load
+    from dbmtls.proxy.server import runs_native
+
+    if config.dataPlane == "python":
+        return []
+    module, why = load()
+    if module is None:
+        for report in reports:
+            report["warnings"].append(f"dataPlane native is not available, dbmtls run uses python: {why}")
+        return [f"data plane: python (native asked for, not available: {why})"]
+    native = [db.name for db in config.databases if runs_native(db.spec)]
+    python = [db.name for db in config.databases if not runs_native(db.spec)]
+    lines = [f"data plane: native ({module.OPENSSL_VERSION}) for {', '.join(native) or 'none'}"]
+    if python:
+        lines.append(f"  python for {', '.join(python)}: their protocols are relayed by python for now")
+    return lines
 
 
 def _check_dns(config: Config, problems: list[dict[str, Any]]) -> list[str]:

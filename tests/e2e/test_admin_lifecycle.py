@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.certs import PKI
 from support.net import free_port
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 from support.redis_server import RedisTLS
 
 
@@ -62,9 +62,11 @@ def _wait_metric(
         time.sleep(0.05)
 
 
-def test_endpoints_metrics_match_traffic(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_endpoints_metrics_match_traffic(pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str) -> None:
     port = free_port()
-    with Dbmtls(workdir, _config(port, redis_tls.port, tls_block(pki)), admin=True).start((port,)) as proxy:
+    settings = _config(port, redis_tls.port, tls_block(pki), dataPlane=data_plane)
+    with Dbmtls(workdir, settings, admin=True).start((port,)) as proxy:
+        on_plane(proxy, data_plane)
         assert _get(proxy.admin_url + "/healthz") == (200, "ok\n")
         assert _get(proxy.admin_url + "/readyz") == (200, "ready\n")
         db = (("database", "cache"),)
@@ -203,10 +205,13 @@ def test_readiness_follows_missing_cert_then_recovers(pki: PKI, redis_tls: Redis
         assert redis.Redis(port=port).ping()
 
 
-def test_sigterm_drains_open_connection_then_exits_zero(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_sigterm_drains_open_connection_then_exits_zero(
+    pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str
+) -> None:
     port = free_port()
-    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s")
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s", dataPlane=data_plane)
     with Dbmtls(workdir, config).start((port,)) as proxy:
+        on_plane(proxy, data_plane)
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$9\r\nnever-set\r\n$1\r\n2\r\n")  # blocks 2 s server-side
         # the request must reach Redis before the signal: wait until Redis shows it blocked
@@ -229,11 +234,12 @@ def test_sigterm_drains_open_connection_then_exits_zero(pki: PKI, redis_tls: Red
 
 
 def test_second_signal_closes_at_once_but_a_second_quitquitquit_does_not(
-    pki: PKI, redis_tls: RedisTLS, workdir: Path
+    pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str
 ) -> None:
     port = free_port()
-    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s")
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="20s", dataPlane=data_plane)
     with Dbmtls(workdir, config, admin=True).start((port,)) as proxy:
+        on_plane(proxy, data_plane)
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"PING\r\n")
         assert s.recv(10) == b"+PONG\r\n"  # an open, idle connection keeps the drain waiting
@@ -252,10 +258,11 @@ def test_second_signal_closes_at_once_but_a_second_quitquitquit_does_not(
         s.close()
 
 
-def test_drain_timeout_closes_idle_connections(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_drain_timeout_closes_idle_connections(pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str) -> None:
     port = free_port()
-    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="1s")
+    config = _config(port, redis_tls.port, tls_block(pki), drainTimeout="1s", dataPlane=data_plane)
     with Dbmtls(workdir, config).start((port,)) as proxy:
+        on_plane(proxy, data_plane)
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"PING\r\n")
         assert s.recv(10) == b"+PONG\r\n"
@@ -285,7 +292,7 @@ def test_json_logs(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
     assert all("BEGIN" not in json.dumps(r) for r in lines)
 
 
-def test_expiry_warning_and_sighup_reload(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_expiry_warning_and_sighup_reload(pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str) -> None:
     """A client certificate inside certificateExpiryWarning is warned about; SIGHUP reloads."""
     import datetime as dt
 
@@ -294,8 +301,9 @@ def test_expiry_warning_and_sighup_reload(pki: PKI, redis_tls: RedisTLS, workdir
     soon = issue(pki.ca, workdir / "soon", client_cn="jinsu", not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
     port = free_port()
     tls = tls_block(pki) | {"clientCertificate": str(soon / "tls.crt"), "privateKey": str(soon / "tls.key")}
-    config = _config(port, redis_tls.port, tls, certificateExpiryWarning="7d")
+    config = _config(port, redis_tls.port, tls, certificateExpiryWarning="7d", dataPlane=data_plane)
     with Dbmtls(workdir, config).start((port,)) as proxy:
+        on_plane(proxy, data_plane)
         log = proxy.wait_log("certificate expires soon")
         line = next(ln for ln in log.splitlines() if "certificate expires soon" in ln)
         assert "kind=client" in line

@@ -24,7 +24,7 @@ import pytest
 
 from support.certs import PKI
 from support.net import free_port, recv_line
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 from support.redis_server import RedisTLS
 
 pytestmark = pytest.mark.e2e
@@ -105,12 +105,13 @@ def hostile() -> Iterator[list[Hostile]]:
         h.close()
 
 
-def test_upstream_killed_and_restarted(pki: PKI, workdir: Path) -> None:
+def test_upstream_killed_and_restarted(pki: PKI, workdir: Path, data_plane: str) -> None:
     redis = RedisTLS(workdir / "redis", pki.server, pki.ca_cert).start()
     port = free_port()
+    config = {"databases": [redis_db("cache", port, f"localhost:{redis.port}", pki)], "dataPlane": data_plane}
     try:
-        with Dbmtls(workdir, {"databases": [redis_db("cache", port, f"localhost:{redis.port}", pki)]}) as proxy:
-            proxy.start((port,))
+        with Dbmtls(workdir, config) as proxy:
+            on_plane(proxy.start((port,)), data_plane)
             assert ask(port) == b"+PONG\r\n"
             assert redis.proc is not None
             redis.proc.kill()  # kill -9: no goodbye to anyone
@@ -124,7 +125,7 @@ def test_upstream_killed_and_restarted(pki: PKI, workdir: Path) -> None:
         redis.stop()
 
 
-def test_garbage_instead_of_tls(pki: PKI, workdir: Path, hostile: list[Hostile]) -> None:
+def test_garbage_instead_of_tls(pki: PKI, workdir: Path, hostile: list[Hostile], data_plane: str) -> None:
     def garbage(conn: socket.socket) -> None:
         conn.recv(1024)
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
@@ -132,7 +133,9 @@ def test_garbage_instead_of_tls(pki: PKI, workdir: Path, hostile: list[Hostile])
     server = Hostile(garbage)
     hostile.append(server)
     port = free_port()
-    with Dbmtls(workdir, {"databases": [redis_db("g", port, f"localhost:{server.port}", pki)]}).start((port,)) as p:
+    config = {"databases": [redis_db("g", port, f"localhost:{server.port}", pki)], "dataPlane": data_plane}
+    with Dbmtls(workdir, config).start((port,)) as p:
+        on_plane(p, data_plane)
         reply = ask(port)
         assert reply.startswith(b"-ERR dbmtls: [g] server localhost:"), reply
         assert b"did not answer with TLS" in reply
@@ -164,7 +167,7 @@ def test_postgres_server_that_accepts_and_says_nothing(pki: PKI, workdir: Path, 
 
 
 def test_reset_in_the_middle_of_a_reply_reaches_the_app_as_a_reset(
-    pki: PKI, workdir: Path, hostile: list[Hostile]
+    pki: PKI, workdir: Path, hostile: list[Hostile], data_plane: str
 ) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pki.server.cert, pki.server.key)
@@ -180,8 +183,9 @@ def test_reset_in_the_middle_of_a_reply_reaches_the_app_as_a_reset(
     server = Hostile(half_then_reset)
     hostile.append(server)
     port = free_port()
-    config = {"databases": [redis_db("cut", port, f"localhost:{server.port}", pki)]}
+    config = {"databases": [redis_db("cut", port, f"localhost:{server.port}", pki)], "dataPlane": data_plane}
     with Dbmtls(workdir, config).start((port,)) as p, socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        on_plane(p, data_plane)
         s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
         first = b""
         while len(first) < 107:
@@ -193,9 +197,11 @@ def test_reset_in_the_middle_of_a_reply_reaches_the_app_as_a_reset(
         assert "WARNING" in line
 
 
-def test_fd_exhaustion_answers_too_many_and_keeps_the_admin_alive(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_fd_exhaustion_answers_too_many_and_keeps_the_admin_alive(
+    pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str
+) -> None:
     port = free_port()
-    config = {"databases": [redis_db("few", port, f"localhost:{redis_tls.port}", pki)]}
+    config = {"databases": [redis_db("few", port, f"localhost:{redis_tls.port}", pki)], "dataPlane": data_plane}
     # 128 descriptors: 64 kept in reserve, the rest for relayed connections (two each) and for
     # telling the ones past the limit
     with Dbmtls(workdir, config, admin=True, nofile=128).start((port,)) as p:
@@ -241,10 +247,14 @@ def test_slow_loris_app_is_closed(pki: PKI, workdir: Path) -> None:
         p.wait_line(r"connection failed db=slow .*reason=app_timeout")
 
 
-def test_idle_connection_is_closed_and_logged(pki: PKI, redis_tls: RedisTLS, workdir: Path) -> None:
+def test_idle_connection_is_closed_and_logged(pki: PKI, redis_tls: RedisTLS, workdir: Path, data_plane: str) -> None:
     port = free_port()
-    config = {"databases": [redis_db("idle", port, f"localhost:{redis_tls.port}", pki, idleTimeout="500ms")]}
+    config = {
+        "databases": [redis_db("idle", port, f"localhost:{redis_tls.port}", pki, idleTimeout="500ms")],
+        "dataPlane": data_plane,
+    }
     with Dbmtls(workdir, config).start((port,)) as p, socket.create_connection(("127.0.0.1", port)) as s:
+        on_plane(p, data_plane)
         s.settimeout(15)
         s.sendall(PING)
         assert recv_line(s) == b"+PONG\r\n"

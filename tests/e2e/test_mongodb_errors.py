@@ -29,7 +29,7 @@ from pymongo.errors import ServerSelectionTimeoutError
 
 from support.certs import PKI
 from support.net import free_port
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 from support.tls_echo import TLSEchoServer
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,7 @@ class Proxy:
 
 
 @pytest.fixture(scope="module")
-def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactory, data_plane: str) -> Iterator[Proxy]:
     work = tmp_path_factory.mktemp("dbmtls-mongodb")
     good = f"localhost:{echo.port}"
     missing = dict(tls_block(pki), clientCertificate=str(work / "missing.crt"))
@@ -59,8 +59,8 @@ def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactor
         {"name": name, "protocol": "mongodb", "listen": f"127.0.0.1:{ports[name]}", "address": address, "tls": tls}
         for name, (address, tls) in variants.items()
     ]
-    proc = Dbmtls(work, {"databases": databases, "drainTimeout": "1s"})
-    proc.start(wait_ports=tuple(ports.values()))
+    proc = Dbmtls(work, {"databases": databases, "drainTimeout": "1s", "dataPlane": data_plane})
+    on_plane(proc.start(wait_ports=tuple(ports.values())), data_plane)
     yield Proxy(proc, ports)
     assert proc.stop() == 0
 

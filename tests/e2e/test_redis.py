@@ -28,7 +28,7 @@ import redis.asyncio
 from dbmtls.pki import issue
 from support.certs import PKI, Pair
 from support.net import free_port, recv_line
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 from support.redis_server import RedisTLS
 from support.seed import SEED_DR
 
@@ -136,6 +136,7 @@ def proxy(
     expired_redis: RedisTLS,
     silent_server: int,
     tmp_path_factory: pytest.TempPathFactory,
+    data_plane: str,
 ) -> Iterator[Proxy]:
     work = tmp_path_factory.mktemp("dbmtls-redis")
     unix_path = str(work / "redis.sock")
@@ -168,7 +169,8 @@ def proxy(
                 **extra,
             }
         )
-    proc = Dbmtls(work, {"databases": databases, "drainTimeout": "2s"}).start(wait_ports=tuple(ports.values()))
+    config = {"databases": databases, "drainTimeout": "2s", "dataPlane": data_plane}
+    proc = on_plane(Dbmtls(work, config).start(wait_ports=tuple(ports.values())), data_plane)
     yield Proxy(proc, ports, unix_path)
     assert proc.stop() == 0
 
@@ -387,7 +389,9 @@ def seed_redis(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     server.stop()
 
 
-def test_seed_destination_rule_drives_a_working_proxy(pki: PKI, seed_redis: RedisTLS, tmp_path: Path) -> None:
+def test_seed_destination_rule_drives_a_working_proxy(
+    pki: PKI, seed_redis: RedisTLS, tmp_path: Path, data_plane: str
+) -> None:
     dr = (
         SEED_DR.replace("/client-certs/tls.crt", pki.client.cert)
         .replace("/client-certs/tls.key", pki.client.key)
@@ -395,8 +399,12 @@ def test_seed_destination_rule_drives_a_working_proxy(pki: PKI, seed_redis: Redi
     )
     port = free_port()
     local = tmp_path / "local.yaml"
-    local.write_text(f"overrides:\n  db-mtls:\n    listen: 127.0.0.1:{port}\n    dial: 127.0.0.1:{seed_redis.port}\n")
+    local.write_text(
+        f"dataPlane: {data_plane}\n"
+        f"overrides:\n  db-mtls:\n    listen: 127.0.0.1:{port}\n    dial: 127.0.0.1:{seed_redis.port}\n"
+    )
     with Dbmtls(tmp_path, dr, args=("-c", str(local))).start(wait_ports=(port,)) as proc:
+        on_plane(proc, data_plane)
         out = subprocess.run(
             ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "SET", "foo", "bar"],
             capture_output=True,
@@ -413,10 +421,11 @@ def test_seed_destination_rule_drives_a_working_proxy(pki: PKI, seed_redis: Redi
 # --- shutdown ------------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_and_exits_zero(pki: PKI, redis_tls: RedisTLS, tmp_path: Path) -> None:
+def test_sigterm_drains_and_exits_zero(pki: PKI, redis_tls: RedisTLS, tmp_path: Path, data_plane: str) -> None:
     port = free_port()
     config = {
         "drainTimeout": "1s",
+        "dataPlane": data_plane,
         "databases": [
             {
                 "name": "cache",
@@ -427,7 +436,7 @@ def test_sigterm_drains_and_exits_zero(pki: PKI, redis_tls: RedisTLS, tmp_path: 
             }
         ],
     }
-    proc = Dbmtls(tmp_path, config).start(wait_ports=(port,))
+    proc = on_plane(Dbmtls(tmp_path, config).start(wait_ports=(port,)), data_plane)
     try:
         idle = redis.Redis(port=port)
         assert idle.ping()  # an open connection the drain has to deal with

@@ -21,7 +21,7 @@ import pytest
 
 from support.certs import PKI
 from support.net import free_port
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 from support.tls_echo import TLSEchoServer
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ class Proxy:
 
 
 @pytest.fixture(scope="module")
-def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactory, data_plane: str) -> Iterator[Proxy]:
     other_client = pki.client_for("mallory", ca=pki.other_ca)
     variants = {
         "ok": tls_block(pki),
@@ -56,8 +56,9 @@ def proxy(pki: PKI, echo: TLSEchoServer, tmp_path_factory: pytest.TempPathFactor
                     "tls": tls,
                 }
             )
-    proc = Dbmtls(tmp_path_factory.mktemp("dbmtls-tcp"), {"databases": databases, "drainTimeout": "2s"})
-    proc.start(wait_ports=tuple(ports.values()))
+    config = {"databases": databases, "drainTimeout": "2s", "dataPlane": data_plane}
+    proc = Dbmtls(tmp_path_factory.mktemp("dbmtls-tcp"), config)
+    on_plane(proc.start(wait_ports=tuple(ports.values())), data_plane)
     yield Proxy(proc, ports)
     assert proc.stop() == 0
 

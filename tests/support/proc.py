@@ -132,6 +132,14 @@ class Dbmtls:
         self.stop(check=False)
 
 
+def on_plane(proc: Dbmtls, data_plane: str) -> Dbmtls:
+    """After ``start``: make sure the process runs the data plane the test asked for (the native
+    plane falls back to python, with a log line, when it cannot run)."""
+    if data_plane == "native":
+        proc.wait_line(r"data plane native native=")
+    return proc
+
+
 def tls_block(pki: Any, *, client: Any = None, ca: str | None = None, **extra: Any) -> dict[str, Any]:
     c = client or pki.client
     out: dict[str, Any] = {

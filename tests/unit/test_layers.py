@@ -32,7 +32,12 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     ("package", "forbidden"),
-    [("admin", ("dbmtls.app",)), ("tls", ("dbmtls.app", "dbmtls.admin", "dbmtls.proxy"))],
+    [
+        ("admin", ("dbmtls.app",)),
+        ("tls", ("dbmtls.app", "dbmtls.admin", "dbmtls.proxy", "dbmtls.native")),
+        # the native plane is data path glue: given what it needs, never the process or the admin API
+        ("native", ("dbmtls.app", "dbmtls.admin")),
+    ],
 )
 def test_package_does_not_import(package: str, forbidden: tuple[str, ...]) -> None:
     bad = {

@@ -48,6 +48,7 @@ _TOP_LEVEL = {
     "log",
     "dns",
     "drainTimeout",
+    "dataPlane",
     "certificateExpiryWarning",
     "maxConnections",
     "overrides",

@@ -113,6 +113,11 @@ class Endpoint(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def abort_if_open(self) -> None:
+        """Abort, unless it is closing already (a close that flushes is left to finish)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Give up the transport (the relay installs its own protocol) and the unread bytes.
 

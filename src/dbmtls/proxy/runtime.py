@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dbmtls.config.model import DatabaseConfig
 from dbmtls.errors import DbmtlsError, Reason, UpstreamError
@@ -18,6 +18,9 @@ from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.notice import Notice
 from dbmtls.proxy.relay import Relay
 from dbmtls.tls.material import ClientTLS
+
+if TYPE_CHECKING:  # dbmtls.native.plane imports this module
+    from dbmtls.native.plane import NativePlane, NativeRelay, NativeUpstream
 
 # Histogram buckets (seconds) for upstream connect and TLS handshake durations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -92,6 +95,9 @@ class DatabaseRuntime:
         self.active: set[Conn] = set()
         self.relayed = 0  # of ``active``, those admitted (not being refused)
         self.listening = False
+        # dataPlane native, for a protocol whose session supports it (Proxy sets it): the TLS
+        # handshake and the relay run in the native plane's threads (docs/native.md)
+        self.native: NativePlane | None = None
 
     @property
     def name(self) -> str:
@@ -111,8 +117,8 @@ class Conn:
     cipher: str | None = None
     error: DbmtlsError | None = None  # set once, by the proxy, from what the session raised
     notice: Notice | None = None  # how to tell the app about a failure (None: just close)
-    relay: Relay | None = None
-    upstream: Endpoint | None = None  # the latest server connection, aborted if the session dies
+    relay: Relay | NativeRelay | None = None
+    upstream: Endpoint | NativeUpstream | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"
     refused: DbmtlsError | None = None  # set at accept when a connection limit is reached
 

@@ -19,6 +19,9 @@ import time
 from dbmtls.config.model import Config, split_host_port
 from dbmtls.errors import ConfigError, DbmtlsError, Reason, TooManyConnections
 from dbmtls.logs import CONN_LOG, LOG
+from dbmtls.native import load as load_native
+from dbmtls.native.plane import NativePlane
+from dbmtls.native.tls import NativeClientTLS
 from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.limits import Admission, Verdict, raise_fd_limit
@@ -28,19 +31,29 @@ from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
 from dbmtls.proxy.upstream import Dialer
 
 
-def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
-    """The session driver ``spec.session`` names (``module:Class``), made for ``rt``.
+def session_class(spec: ProtocolSpec) -> type[Session]:
+    """The session driver ``spec.session`` names (``module:Class``).
 
     A registry entry whose driver does not resolve is a bug of dbmtls: it stops the start
     with an error naming the entry, never falls back to an opaque relay.
     """
     module_name, _, class_name = spec.session.partition(":")
     try:
-        driver = getattr(importlib.import_module(module_name), class_name)
+        driver: type[Session] = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise RuntimeError(f"protocol {spec.name!r}: session driver {spec.session!r} not found: {exc}") from exc
-    session: Session = driver(rt)
-    return session
+    return driver
+
+
+def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
+    """The session driver of ``spec``, made for ``rt``."""
+    return session_class(spec)(rt)
+
+
+def runs_native(spec: ProtocolSpec) -> bool:
+    """Whether ``dataPlane: native`` applies to the protocol (its session dials and relays
+    through ``sessions.common``; docs/native.md)."""
+    return bool(getattr(session_class(spec), "native_capable", False))
 
 
 class _Accepted(Endpoint):
@@ -71,6 +84,16 @@ class Proxy:
         self.admission = Admission(config.maxConnections, fd_limit)
         self.runtimes = {db.name: DatabaseRuntime(db, dialer) for db in config.databases}
         self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
+        self.plane: NativePlane | None = None
+        self.plane_problem: str | None = None
+        if config.dataPlane == "native":
+            module, self.plane_problem = load_native()
+            if module is not None:
+                self.plane = NativePlane(module)
+                for rt in self.runtimes.values():
+                    if runs_native(rt.spec):
+                        rt.native = self.plane
+                        rt.tls = NativeClientTLS(rt.db, module)  # before any material is loaded
         self._servers: list[asyncio.Server] = []
         self._unix_bound: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,6 +146,24 @@ class Proxy:
         }
         LOG.info("dns mode direct: names are resolved through DNS only, never /etc/hosts", extra={"fields": fields})
 
+    def log_data_plane(self) -> None:
+        """Say who moves the bytes, per database (and why not native, when it was asked for)."""
+        if self.config.dataPlane == "python":
+            return
+        if self.plane is None:
+            LOG.warning(
+                "dataPlane native is not available: using the python data plane",
+                extra={"fields": {"error": self.plane_problem}},
+            )
+            return
+        native = [name for name, rt in self.runtimes.items() if rt.native is not None]
+        python = [name for name, rt in self.runtimes.items() if rt.native is None]
+        fields: dict[str, object] = {"native": ",".join(native) or "none", "threads": self.plane.threads}
+        if python:
+            fields["python"] = ",".join(python)
+            fields["why"] = "their protocols (postgres, mysql) are relayed by python for now"
+        LOG.info("data plane native", extra={"fields": fields})
+
     async def start(self) -> None:
         before, after = self.fd_limits
         LOG.info(
@@ -135,6 +176,9 @@ class Proxy:
             },
         )
         self.log_resolver()
+        self.log_data_plane()
+        if self.plane is not None:
+            self.plane.start()
         self.load_material()
         loop = asyncio.get_running_loop()
         for rt in self.runtimes.values():
@@ -248,9 +292,8 @@ class Proxy:
             err = exc.with_database(conn.rt.name)
             conn.error = err
             conn.rt.stats.record_failure(err)
-            up = conn.upstream
-            if up is not None and up.transport is not None and not up.transport.is_closing():
-                up.abort()  # whatever the session left open is useless now
+            if conn.upstream is not None:
+                conn.upstream.abort_if_open()  # whatever the session left open is useless now
             return err
         return None
 
@@ -323,6 +366,8 @@ class Proxy:
                 for t in pending:
                     t.cancel()
                 await asyncio.wait(pending, timeout=5)
+        if self.plane is not None:
+            self.plane.close()  # every native connection is over (its task waited for it)
         self.stopped.set()
 
 

@@ -26,7 +26,7 @@ from dbmtls.protocols.spec import ErrorAnswerer
 from dbmtls.protocols.tls_record import client_hello
 from dbmtls.proxy.notice import AnswerRequests
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
-from dbmtls.proxy.sessions.common import run_relay
+from dbmtls.proxy.sessions.common import dial, run_relay
 
 # How long to wait for a client-first app's first bytes before relaying without looking.
 FIRST_BYTES_WAIT = 0.25
@@ -47,6 +47,7 @@ async def _first_app_bytes(conn: Conn) -> bytes:
 
 class AnsweringSession:
     answerer: Callable[[DbmtlsError], ErrorAnswerer]
+    native_capable = True  # dials and relays through sessions.common: dataPlane native applies
 
     def __init__(self, rt: DatabaseRuntime) -> None:
         self.rt = rt
@@ -54,7 +55,7 @@ class AnsweringSession:
     async def run(self, conn: Conn) -> None:
         conn.notice = AnswerRequests(self.answerer)
         conn.admit()
-        up = await self.rt.dialer.dial(conn)
+        up = await dial(conn)
         first = await _first_app_bytes(conn)
         conn.notice = AnswerRequests(self.answerer, seen=first)
         if client_hello(first):

@@ -1,18 +1,32 @@
-"""What every session does once the handshake is over: hand both sides to a Relay."""
+"""What every session does once the handshake is over: hand both sides to a Relay.
+
+With ``dataPlane: native`` (docs/native.md) the TLS-first sessions dial through ``dial`` and get a
+``NativeUpstream``; ``run_relay`` then hands both sockets to the native plane instead of a
+``Relay``, and reads the outcome the same way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from dbmtls.errors import DbmtlsError, UpstreamReset
+from dbmtls.native.plane import NativeRelay, NativeUpstream
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay, Side
 from dbmtls.proxy.runtime import Conn
 
 
+async def dial(conn: Conn, user: str | None = None) -> Endpoint | NativeUpstream:
+    """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols)."""
+    plane = conn.rt.native
+    if plane is None:
+        return await conn.rt.dialer.dial(conn, user)
+    return await plane.dial(conn, user)
+
+
 async def run_relay(
     conn: Conn,
-    up: Endpoint,
+    up: Endpoint | NativeUpstream,
     *,
     app_pending: bytes = b"",
     upstream_pending: bytes = b"",
@@ -29,16 +43,43 @@ async def run_relay(
     the start has failed (``Relay``).
     """
     dialer = conn.rt.dialer
-    if up.closed or conn.app.closed:
-        _settle(conn, up, upstream_pending, watch_upstream)
-        return
-
     late: list[DbmtlsError] = []
 
     def early(exc: BaseException) -> bytes | None:
         err = dialer.failure(conn, exc).with_database(conn.rt.name)
         late.append(err)
         return conn.notice.now(err) if conn.notice is not None else None
+
+    expect_within = conn.rt.db.handshakeTimeout if expect_reply else None
+    if isinstance(up, NativeUpstream):
+        # the native plane relays what the TLS-first sessions relay: no server bytes were read
+        # before the relay, and nobody watches them
+        assert not upstream_pending
+        assert watch_upstream is None
+        if up.lost or conn.app.closed:
+            # as _settle: the server went away while the session looked at the app's first
+            # bytes (TLS 1.3: it rejected our certificate), or the app did
+            to_app = up.take_held() if up.lost else b""
+            up.close()
+            if up.lost and not conn.app.closed and not to_app:
+                raise dialer.failure(conn, up.error or ClosedBeforeAnswer("the server closed the connection"))
+            conn.app.write(to_app)
+            conn.app.close()
+            return
+        native = up.relay(
+            conn,
+            app_pending=app_pending,
+            early_upstream_error=early,
+            expect_reply_within=expect_within,
+            idle_timeout=conn.rt.db.idleTimeout,
+        )
+        conn.relay = native
+        await native.done
+        _outcome(conn, native, late)
+        return
+    if up.closed or conn.app.closed:
+        _settle(conn, up, upstream_pending, watch_upstream)
+        return
 
     app_t, app_buf = conn.app.detach()
     up_t, up_buf = up.detach()
@@ -48,7 +89,7 @@ async def run_relay(
         app_pending=app_pending + app_buf,
         upstream_pending=upstream_pending + up_buf,
         early_upstream_error=early,
-        expect_reply_within=conn.rt.db.handshakeTimeout if expect_reply else None,
+        expect_reply_within=expect_within,
         idle_timeout=conn.rt.db.idleTimeout,
     )
     conn.relay = relay
@@ -76,7 +117,7 @@ def _settle(conn: Conn, up: Endpoint, upstream_pending: bytes, watch_upstream: C
     conn.app.close()
 
 
-def _outcome(conn: Conn, relay: Relay, late: list[DbmtlsError]) -> None:
+def _outcome(conn: Conn, relay: Relay | NativeRelay, late: list[DbmtlsError]) -> None:
     """What the finished relay says about the connection: a note, or the failure to raise."""
     if relay.idled:
         conn.note = f"idle timeout ({conn.rt.db.idleTimeout:g}s without a byte either way)"
