@@ -8,7 +8,8 @@ a deadline turns a hang into a failure, nothing sleeps.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -36,6 +37,17 @@ def _watcher(fake: FakeKube, **kwargs: Any) -> DestinationRuleWatcher:
     return DestinationRuleWatcher.from_server(fake.url, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def _watching(fake: FakeKube, **kwargs: Any) -> AsyncIterator[DestinationRuleWatcher]:
+    """A started watcher, stopped when the block ends (whatever the test's assertions did)."""
+    w = _watcher(fake, **kwargs)
+    w.start()
+    try:
+        yield w
+    finally:
+        await w.stop()
+
+
 async def _until(watcher: DestinationRuleWatcher, predicate: Callable[[DestinationRuleWatcher], bool]) -> None:
     async with asyncio.timeout(DEADLINE):
         await watcher.wait_for(predicate)
@@ -53,9 +65,7 @@ def test_list_then_watch_follows_added_modified_deleted() -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db.shop.svc.cluster.local"))
         fake.put(rule("cache", "redis", "redis-master"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             assert _keys(w) == [("cache", "redis"), ("shop", "orders-db")]  # sorted by (namespace, name)
             first = w.snapshot()[1]
@@ -78,8 +88,6 @@ def test_list_then_watch_follows_added_modified_deleted() -> None:
             watches = fake.watches()
             assert watches[0].params["resourceVersion"] == "1002"  # from the list's version
             assert watches[0].path == "/apis/networking.istio.io/v1/destinationrules"  # all namespaces
-        finally:
-            await w.stop()
 
     _run(test)
 
@@ -87,9 +95,7 @@ def test_list_then_watch_follows_added_modified_deleted() -> None:
 def test_snapshot_is_stable_until_a_change() -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("a", "one", "one"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             before = w.snapshot()
             assert w.snapshot() is before  # no copy per request
@@ -98,8 +104,6 @@ def test_snapshot_is_stable_until_a_change() -> None:
             after = w.snapshot()
             assert after is not before
             assert len(before) == 1  # a snapshot already handed out does not change under its reader
-        finally:
-            await w.stop()
 
     _run(test)
 
@@ -108,9 +112,7 @@ def test_snapshot_is_stable_until_a_change() -> None:
 def test_falls_back_to_an_older_version_when_v1_is_not_served(served: tuple[str, ...], expected: str) -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             assert w.version == expected
             assert w.snapshot()[0]["apiVersion"] == f"networking.istio.io/{expected}"
@@ -119,25 +121,19 @@ def test_falls_back_to_an_older_version_when_v1_is_not_served(served: tuple[str,
             fake.put(rule("shop", "ledger", "ledger"))
             await _until(w, lambda w: ("shop", "ledger") in w.rules)
             assert fake.watches()[0].path == f"/apis/networking.istio.io/{expected}/destinationrules"
-        finally:
-            await w.stop()
 
     _run(test, FakeKube(served=served))
 
 
 def test_no_version_served_means_no_rules_and_ready() -> None:
     async def test(fake: FakeKube) -> None:
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             assert w.snapshot() == ()
             assert w.problem is not None and "no version" in w.problem
             # it keeps asking: Istio may be installed later
             async with asyncio.timeout(DEADLINE):
                 await fake.wait_requests(lambda: len(fake.lists()) >= 6)
-        finally:
-            await w.stop()
 
     _run(test, FakeKube(served=()))
 
@@ -145,14 +141,10 @@ def test_no_version_served_means_no_rules_and_ready() -> None:
 def test_list_items_without_apiversion_and_kind_get_them() -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             doc = w.snapshot()[0]
             assert (doc["apiVersion"], doc["kind"]) == ("networking.istio.io/v1", "DestinationRule")
-        finally:
-            await w.stop()
 
     _run(test, FakeKube(items_with_kind=False))
 
@@ -163,16 +155,12 @@ def test_a_chunked_list_is_read_to_the_end(monkeypatch: pytest.MonkeyPatch) -> N
     async def test(fake: FakeKube) -> None:
         for i in range(8):
             fake.put(rule("ns", f"r{i}", f"host{i}"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             assert len(w.rules) == 8
             pages = fake.lists()
             assert [p.params.get("continue") for p in pages] == [None, "3", "6"]
             assert all(p.params["limit"] == "3" for p in pages)
-        finally:
-            await w.stop()
 
     _run(test)
 
@@ -181,9 +169,9 @@ def test_410_gone_relists_at_once_and_drops_rules_deleted_meanwhile() -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
         fake.put(rule("shop", "ledger", "ledger"))
-        w = _watcher(fake, backoff_initial=30.0, backoff_max=30.0)  # a backoff here would time the test out
-        w.start()
-        try:
+        async with _watching(
+            fake, backoff_initial=30.0, backoff_max=30.0
+        ) as w:  # a backoff here would time the test out
             await _until(w, lambda w: w.synced)
             async with asyncio.timeout(DEADLINE):
                 await fake.wait_requests(lambda: len(fake.watches()) == 1)
@@ -199,8 +187,6 @@ def test_410_gone_relists_at_once_and_drops_rules_deleted_meanwhile() -> None:
                 await fake.wait_requests(lambda: len(fake.watches()) == 3)
             # the first watch, its retry from the compacted version (410), the one after the list
             assert [r.params["resourceVersion"] for r in fake.watches()] == ["1002", "1002", str(fake.rv)]
-        finally:
-            await w.stop()
 
     _run(test)
 
@@ -208,9 +194,7 @@ def test_410_gone_relists_at_once_and_drops_rules_deleted_meanwhile() -> None:
 def test_a_broken_connection_relists_with_backoff_and_goes_on() -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.synced)
             async with asyncio.timeout(DEADLINE):
                 await fake.wait_requests(lambda: len(fake.watches()) == 1)
@@ -219,8 +203,6 @@ def test_a_broken_connection_relists_with_backoff_and_goes_on() -> None:
             assert w.errors == 1
             fake.put(rule("shop", "ledger", "ledger"))
             await _until(w, lambda w: ("shop", "ledger") in w.rules)
-        finally:
-            await w.stop()
 
     _run(test)
 
@@ -228,9 +210,7 @@ def test_a_broken_connection_relists_with_backoff_and_goes_on() -> None:
 def test_forbidden_is_explained_and_retried_until_allowed(caplog: pytest.LogCaptureFixture) -> None:
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
-        w = _watcher(fake)
-        w.start()
-        try:
+        async with _watching(fake) as w:
             await _until(w, lambda w: w.errors >= 2)
             assert not w.synced
             assert w.problem is not None and w.problem.startswith("403 Forbidden")
@@ -239,8 +219,6 @@ def test_forbidden_is_explained_and_retried_until_allowed(caplog: pytest.LogCapt
             fake.forbidden = False  # the ClusterRole is bound
             await _until(w, lambda w: w.synced)
             assert _keys(w) == [("shop", "orders-db")]
-        finally:
-            await w.stop()
 
     _run(test, FakeKube(forbidden=True))
 
@@ -253,16 +231,12 @@ def test_a_quiet_watch_is_restarted_from_the_last_version(monkeypatch: pytest.Mo
     async def test(fake: FakeKube) -> None:
         fake.put(rule("shop", "orders-db", "orders-db"))
         fake.hang_watches = True  # the fake never ends a watch on its own: as a dead connection
-        w = _watcher(fake, watch_timeout=1)
-        w.start()
-        try:
+        async with _watching(fake, watch_timeout=1) as w:
             await _until(w, lambda w: w.synced)
             async with asyncio.timeout(DEADLINE):
                 await fake.wait_requests(lambda: len(fake.watches()) >= 2)
             assert w.lists == 1 and w.errors == 0
             assert {r.params["resourceVersion"] for r in fake.watches()} == {str(fake.rv)}
             assert fake.watches()[0].params["timeoutSeconds"] == "1"
-        finally:
-            await w.stop()
 
     _run(test)
