@@ -223,6 +223,13 @@ def _mapping(value: Any, source: str, path: str) -> dict[str, Any]:
     return value
 
 
+def _known_fields(value: dict[str, Any], known: set[str], source: str, path: str, what: str) -> None:
+    """Istio rejects unknown fields; so do we, naming the first one (sorted, so stable)."""
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _err(source, f"{path}.{unknown[0]}", f"unknown field in {what} (check the spelling)")
+
+
 def _list(value: Any, source: str, path: str) -> list[Any]:
     if value is None:
         return []
@@ -264,9 +271,7 @@ def _service_entry(doc: dict[str, Any], source: str) -> MeshService:
         raise _err(source, "apiVersion", f"unsupported ServiceEntry apiVersion {doc.get('apiVersion')!r}")
     name, ns = _meta(doc, source)
     spec = _mapping(doc.get("spec"), source, "spec")
-    unknown = sorted(set(spec) - _SE_SPEC)
-    if unknown:
-        raise _err(source, f"spec.{unknown[0]}", "unknown field in ServiceEntry spec (check the spelling)")
+    _known_fields(spec, _SE_SPEC, source, "spec", "ServiceEntry spec")
     hosts: list[HostKey] = []
     wildcards: list[str] = []
     for i, h in enumerate(_list(spec.get("hosts"), source, "spec.hosts")):
@@ -280,9 +285,7 @@ def _service_entry(doc: dict[str, Any], source: str) -> MeshService:
     for i, p in enumerate(_list(spec.get("ports"), source, "spec.ports")):
         path = f"spec.ports[{i}]"
         p = _mapping(p, source, path)
-        unknown = sorted(set(p) - _SE_PORT)
-        if unknown:
-            raise _err(source, f"{path}.{unknown[0]}", "unknown field in ServiceEntry port (check the spelling)")
+        _known_fields(p, _SE_PORT, source, path, "ServiceEntry port")
         number = _port_number(p.get("number"), source, f"{path}.number")
         target = p.get("targetPort")
         if target is not None:
@@ -293,9 +296,7 @@ def _service_entry(doc: dict[str, Any], source: str) -> MeshService:
     for i, e in enumerate(_list(spec.get("endpoints"), source, "spec.endpoints")):
         path = f"spec.endpoints[{i}]"
         e = _mapping(e, source, path)
-        unknown = sorted(set(e) - _SE_ENDPOINT)
-        if unknown:
-            raise _err(source, f"{path}.{unknown[0]}", "unknown field in WorkloadEntry (check the spelling)")
+        _known_fields(e, _SE_ENDPOINT, source, path, "WorkloadEntry")
         eports = _mapping(e.get("ports"), source, f"{path}.ports")
         checked = {str(k): _port_number(v, source, f"{path}.ports.{k}") for k, v in eports.items()}
         if isinstance(e.get("address"), str) and e["address"]:
