@@ -31,12 +31,14 @@ fi
 
 # Docker and debootstrap: the image tests build the container image (scripts/image.sh) and run
 # it. Checked by command, not package, so a docker-ce installation counts; only root installs
-# them, and without them those tests are skipped with the reason.
+# them, and without them those tests are skipped with the reason. The test is for the daemon,
+# dockerd: some machines carry a lone docker client (in /usr/local/bin) that has no daemon to
+# talk to.
 have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
-if ! have docker || ! have debootstrap; then
+if ! have dockerd || ! have docker || ! have debootstrap; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     extra=()
-    have docker || extra+=(docker.io)
+    { have dockerd && have docker; } || extra+=(docker.io)
     have debootstrap || extra+=(debootstrap)
     echo "setup: installing OS packages: ${extra[*]}"
     export DEBIAN_FRONTEND=noninteractive
