@@ -299,8 +299,8 @@ class AdminServer:
         self.listen = listen
         self.allow_remote = allow_remote
         self.max_connections = max_connections
-        # made at the first scrape (``metrics()``): prometheus_client and what it imports (some
-        # 1.5 to 3 MiB of RSS) stay out of a process that nobody scrapes (docs/memory.md)
+        # made at the first scrape (``metrics()``): prometheus_client and what it imports (1 to 2
+        # MiB of RSS) stay out of a process that nobody scrapes (docs/memory.md)
         self._registry: CollectorRegistry | None = None
         self._listen_host = split_host_port(listen)[0]
         self._sockets: list[socket.socket] = []

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import dns.asyncresolver
 
 # dnspython is imported where it is used, not here: only ``dns.mode: direct`` needs it, and with
-# what it pulls in (its DNS-over-HTTPS/QUIC transports: httpx, h2, anyio, ...) it is about 8 MiB
+# what it pulls in (its DNS-over-HTTPS/QUIC transports: httpx, h2, anyio, ...) it is 6 to 7 MiB
 # of RSS that every other process would carry for nothing (docs/memory.md).
 
 # RFC 8305 "Resolution Delay": how long AAAA may lag behind a successful A.
