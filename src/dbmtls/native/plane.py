@@ -99,7 +99,7 @@ class _PeerCert:
         return self._der
 
 
-@dataclass
+@dataclass(slots=True)
 class _Handshake:
     ok: bool
     version: str
@@ -203,6 +203,8 @@ class NativePlane:
             except BaseException:
                 up.abort()
                 raise
+        # the future keeps its result for the connection's life; the certificate is not needed again
+        result.der = None
         conn.rt.stats.handshake_seconds.observe(time.monotonic() - started)
         # interned: a few distinct values, otherwise two new strings per open connection
         conn.tls_version = sys.intern(result.version)
