@@ -5,6 +5,7 @@
     .venv/bin/python bench/churn.py --protocol redis --idle 2000      # then KiB per idle connection
     .venv/bin/python bench/churn.py --protocol redis -n 100 --idle 300 --value 1048576   # ... after a 1 MiB GET
     .venv/bin/python bench/churn.py --concurrency 4                   # 4 clients at a time
+    .venv/bin/python bench/churn.py --protocol redis --idle 2000 --plane native   # dataPlane: native
 
 For each protocol: a real server (redis-server with ``tls-auth-clients yes``, PostgreSQL 15 with
 ``cert clientcert=verify-full``, MariaDB 10.11 with a ``REQUIRE X509`` user), one ``dbmtls run``
@@ -87,12 +88,13 @@ def server(protocol: str, workdir: Path, pki: PKI, *, connections: int = 0) -> I
 
 
 @contextmanager
-def dbmtls(protocol: str, server_port: int, workdir: Path, pki: PKI) -> Iterator[Service]:
-    d = workdir / f"dbmtls-{protocol}"
+def dbmtls(protocol: str, server_port: int, workdir: Path, pki: PKI, plane: str = "python") -> Iterator[Service]:
+    d = workdir / f"dbmtls-{protocol}-{plane}"
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = d / "dbmtls.yaml"
-    cfg.write_text(json.dumps({"databases": [churn.dbmtls_database(protocol, port, server_port, pki)]}, indent=2))
+    config = {"dataPlane": plane, "databases": [churn.dbmtls_database(protocol, port, server_port, pki)]}
+    cfg.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(cfg), "--admin", "off"]
     service = Service(f"dbmtls-{protocol}", cmd, d / "dbmtls.log", port=port).start()
     try:
@@ -111,12 +113,15 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path, pki: PKI) -> Non
     every = args.every or max(1, n // 20)
     with (
         server(protocol, workdir, pki, connections=args.idle) as server_port,
-        dbmtls(protocol, server_port, workdir, pki) as proxy,
+        dbmtls(protocol, server_port, workdir, pki, args.plane) as proxy,
     ):
         pid = proxy.pid
         target = churn.target_for(protocol, proxy.port)
         target.once()  # the first connection pays for imports and lazily built state
-        print(f"== {name}: {n} connections, concurrency {args.concurrency}, dbmtls pid {pid}", flush=True)
+        print(
+            f"== {name}: {n} connections, concurrency {args.concurrency}, dataPlane {args.plane}, dbmtls pid {pid}",
+            flush=True,
+        )
 
         def show(p: churn.Point) -> None:
             rate = p.done / p.seconds if p.seconds else 0.0
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="clients at a time")
     p.add_argument("--idle", type=int, default=0, help="afterwards, hold this many connections open")
     p.add_argument("--value", type=int, default=0, help="Redis: each idle connection first GETs a value this large")
+    p.add_argument("--plane", choices=("python", "native"), default="python", help="dbmtls's dataPlane")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.protocol.split(",") if s.strip()]

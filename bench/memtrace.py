@@ -3,6 +3,7 @@
     .venv/bin/python bench/memtrace.py                          # redis: 2000 warm-up + 3000 traced
     .venv/bin/python bench/memtrace.py --protocol pg -n 1000 --warmup 500
     .venv/bin/python bench/memtrace.py --frames 12 --top 20     # deeper tracebacks, more lines
+    .venv/bin/python bench/memtrace.py --plane native --idle 2000   # dataPlane: native
 
 The proxy (``dbmtls.proxy.server.Proxy`` on uvloop, as ``dbmtls run`` runs it) runs in the main
 thread of this process; the clients (``tests/support/churn.py``) run in a worker thread and do
@@ -127,7 +128,8 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
     with server(protocol, workdir, pki) as server_port:
         port = free_port()
         cfg = workdir / "dbmtls.yaml"
-        cfg.write_text(json.dumps({"databases": [churn.dbmtls_database(protocol, port, server_port, pki)]}))
+        database = churn.dbmtls_database(protocol, port, server_port, pki)
+        cfg.write_text(json.dumps({"dataPlane": args.plane, "databases": [database]}))
         proxy = Proxy(load_config([cfg]))
         await proxy.start()
         loop = asyncio.get_running_loop()
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each phase")
     p.add_argument("--idle", type=int, default=0, help="then hold this many connections open, and close them")
+    p.add_argument("--plane", choices=("python", "native"), default="python", help="dbmtls's dataPlane")
     p.add_argument(
         "--trim",
         action="store_true",

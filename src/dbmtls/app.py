@@ -10,16 +10,19 @@ import asyncio
 import functools
 import signal
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import uvloop
 
-from dbmtls.admin.server import AdminServer
 from dbmtls.config.model import Config
 from dbmtls.logs import LOG
 from dbmtls.memtrim import Trimmer, libc_malloc_trim
 from dbmtls.proxy.runtime import DatabaseRuntime
 from dbmtls.proxy.server import Proxy
 from dbmtls.tls.reload import ReloadCounts, Reloader
+
+if TYPE_CHECKING:
+    from dbmtls.admin.server import AdminServer
 
 
 class App:
@@ -108,12 +111,16 @@ class App:
         """Certificate reloader, memory trimmer and admin server, started once the listeners are bound."""
         await self.reloader.start()
         await self.trimmer.start()
+        if self.admin_listen != "off" or self.config.admin.publicListen != "off":
+            # imported only when an admin listener is on (h11 and the server's code are not needed otherwise)
+            from dbmtls.admin.server import AdminServer
         if self.admin_listen != "off":
             self.admin = AdminServer(self, self.admin_listen, allow_remote=self.config.admin.allowRemote)
             await self.admin.start()
         if self.config.admin.publicListen != "off":
             self.public_admin = AdminServer(self, self.config.admin.publicListen, public=True)
             await self.public_admin.start()
+        self.trimmer.after_start()
 
     async def _stop_extras(self) -> None:
         await self.reloader.stop()

@@ -123,3 +123,15 @@ def test_glibc_malloc_trim_is_found_and_callable() -> None:
     trim = libc_malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
+
+
+def test_after_start_trims_once_and_counts_no_trim() -> None:
+    c = Counters()
+    t = trimmer(c)
+    t.after_start()
+    assert c.trims == 1  # the heap left by loading the config is given back
+    assert t.trims == 0  # the counter is the timer's: closes since the last trim
+    c.open, c.closed = 0, 200
+    assert t.check()  # closes are still counted from the start
+    Trimmer(c, trim=None).after_start()  # without malloc_trim: nothing to call, no error
+    assert c.trims == 2

@@ -51,14 +51,17 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h11
 
 from dbmtls.admin.control import Control
-from dbmtls.admin.metrics import make_registry, render
 from dbmtls.config.model import split_host_port
 from dbmtls.errors import ConfigError
 from dbmtls.logs import LOG, set_level
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_HEAD = 8192
@@ -296,7 +299,9 @@ class AdminServer:
         self.listen = listen
         self.allow_remote = allow_remote
         self.max_connections = max_connections
-        self.registry = make_registry(control)
+        # made at the first scrape (``metrics()``): prometheus_client and what it imports (1 to 2
+        # MiB of RSS) stay out of a process that nobody scrapes (docs/memory.md)
+        self._registry: CollectorRegistry | None = None
         self._listen_host = split_host_port(listen)[0]
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -310,6 +315,14 @@ class AdminServer:
     @property
     def open_connections(self) -> int:
         return len(self._tasks)
+
+    def metrics(self) -> bytes:
+        """The Prometheus exposition of the process now (``GET /metrics``)."""
+        from dbmtls.admin.metrics import make_registry, render
+
+        if self._registry is None:
+            self._registry = make_registry(self.control)
+        return render(self._registry)
 
     @property
     def ports(self) -> list[int]:
@@ -488,7 +501,7 @@ class AdminServer:
                 return 503, text, ("not ready\n" + _bullets(problems)).encode()
             return 200, text, b"ready\n"
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.registry)
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics()
         if path == "/config":
             dump = self.control.config.model_dump(mode="json")
             return 200, "application/json", json.dumps(dump, indent=2).encode() + b"\n"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ class _PeerCert:
         return self._der
 
 
-@dataclass
+@dataclass(slots=True)
 class _Handshake:
     ok: bool
     version: str
@@ -202,9 +203,12 @@ class NativePlane:
             except BaseException:
                 up.abort()
                 raise
+        # the future keeps its result for the connection's life; the certificate is not needed again
+        result.der = None
         conn.rt.stats.handshake_seconds.observe(time.monotonic() - started)
-        conn.tls_version = result.version
-        conn.cipher = result.cipher or None
+        # interned: a few distinct values, otherwise two new strings per open connection
+        conn.tls_version = sys.intern(result.version)
+        conn.cipher = sys.intern(result.cipher) if result.cipher else None
         return up
 
 
@@ -216,6 +220,9 @@ class NativeUpstream:
     held for the app, and if it goes away ``lost`` is set at once (with ``error``, None for a
     clean close), so ``run_relay`` settles the connection while the app is still Python's.
     """
+
+    # one per connection for its whole life: no instance dict (docs/memory.md)
+    __slots__ = ("_handshake", "_relay", "_server_name", "closed", "error", "handle", "lost", "plane")
 
     def __init__(self, plane: NativePlane, fd: int, ctx: ssl.SSLContext | None, server_name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -314,6 +321,8 @@ class NativeUpstream:
 
 class NativeRelay:
     """What ``Relay`` is to a session (``run_relay``, the metrics, the drain), for a native relay."""
+
+    __slots__ = ("_early_hook", "_server_name", "_up", "done", "error", "failed_side", "idled")
 
     def __init__(
         self,

@@ -134,10 +134,7 @@ import enum
 import functools
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
-
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING, Final
 
 from dbmtls.errors import (
     AppClosedEarly,
@@ -579,16 +576,25 @@ def _connect_attributes(payload: bytes, pos: int) -> dict[str, str]:
 
 
 # --- dbmtls's RSA key ------------------------------------------------------------------------
+# cryptography's RSA is imported by the functions that use it: only a MySQL app that asks for the
+# public key needs it, and the registry imports this module in every process (docs/memory.md).
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 
 @functools.cache
 def proxy_rsa_key() -> rsa.RSAPrivateKey:
     """The process-wide key for the local public-key exchange (2048 bit, made on first use)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @functools.cache
 def _public_pem(key: rsa.RSAPrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -880,6 +886,9 @@ class MySQLHandshake:
         self._await_rsa = True
 
     def _decrypt_password(self, blob: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         key = self._rsa_key or proxy_rsa_key()
         try:
             plain = key.decrypt(

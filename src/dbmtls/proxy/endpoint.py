@@ -20,6 +20,9 @@ HANDSHAKE_BUFFER_LIMIT = 256 * 1024
 
 
 class Endpoint(asyncio.Protocol):
+    # one or two per connection, alive as long as it is: no instance dict (docs/memory.md)
+    __slots__ = ("_buffer", "_eof", "_exc", "_paused", "_waiter", "closed", "successor", "tls", "transport")
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()

@@ -34,16 +34,17 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from dbmtls.config.model import DnsConfig
 from dbmtls.errors import NameNotResolved
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+
+# dnspython is imported where it is used, not here: only ``dns.mode: direct`` needs it, and with
+# what it pulls in (its DNS-over-HTTPS/QUIC transports: httpx, h2, anyio, ...) it is 6 to 7 MiB
+# of RSS that every other process would carry for nothing (docs/memory.md).
 
 # RFC 8305 "Resolution Delay": how long AAAA may lag behind a successful A.
 AAAA_GRACE = 0.05
@@ -83,6 +84,12 @@ class Setup:
 
 def load_setup(config: DnsConfig, text: str) -> Setup:
     """Parse resolv.conf ``text`` with dnspython's parser, then apply ``dns.nameservers``."""
+    import dns.asyncresolver
+    import dns.exception
+    import dns.name
+    import dns.nameserver
+    import dns.resolver
+
     path = config.resolvConf
     resolver = dns.asyncresolver.Resolver(configure=False)
     problem = None
@@ -122,6 +129,10 @@ def load_setup(config: DnsConfig, text: str) -> Setup:
 
 def _failure_text(exc: BaseException, rdtype: str, timeout: float) -> str:
     """What one A or AAAA lookup ran into, in words."""
+    import dns.exception  # loaded already: the lookup that failed came from load_setup's resolver
+    import dns.name
+    import dns.resolver
+
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return "NXDOMAIN (no such name)"
     if isinstance(exc, dns.resolver.NoAnswer):

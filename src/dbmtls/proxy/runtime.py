@@ -104,7 +104,7 @@ class DatabaseRuntime:
         return self.db.name
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per connection, for its whole life (docs/memory.md)
 class Conn:
     """Bookkeeping of one app connection, for the close log line and metrics."""
 

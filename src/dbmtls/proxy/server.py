@@ -57,6 +57,8 @@ def runs_native(spec: ProtocolSpec) -> bool:
 
 
 class _Accepted(Endpoint):
+    __slots__ = ("_proxy", "_rt")
+
     def __init__(self, proxy: Proxy, rt: DatabaseRuntime) -> None:
         super().__init__()
         self._proxy = proxy

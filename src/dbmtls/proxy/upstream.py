@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 import time
 
 from dbmtls.errors import DbmtlsError, PlaintextRefused, UpstreamError, UpstreamProtocolError
@@ -187,9 +188,11 @@ class Dialer:
             raise self.failure(conn, exc) from None
         conn.rt.stats.handshake_seconds.observe(time.monotonic() - started)
         if sslobj is not None:
-            conn.tls_version = sslobj.version()
+            # interned: a few distinct values, otherwise two new strings per open connection
+            version = sslobj.version()
+            conn.tls_version = sys.intern(version) if version else None
             cipher = sslobj.cipher()
-            conn.cipher = cipher[0] if cipher else None
+            conn.cipher = sys.intern(cipher[0]) if cipher else None
 
     async def dial(self, conn: Conn, user: str | None = None) -> Endpoint:
         """TCP connect + TLS (the TLS-first protocols)."""
