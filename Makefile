@@ -28,9 +28,10 @@ unit: setup
 image: setup
 	scripts/image.sh
 
+# every suite, both data planes, and docs/bench/*.png redrawn from it (bench/README.md)
 bench:
 	scripts/setup.sh bench
-	.venv/bin/python bench/run.py --charts
+	.venv/bin/python bench/run.py --suite redis,pg,mysql,memory --plane both --charts
 
 # docs/bench/*.png (the README's Performance section) from the newest bench/results/*.json
 charts: setup

@@ -179,8 +179,8 @@ def _bars(
 
 KIND_LABELS = {
     "dbmtls": "dbmtls",
-    "relay": "relays (stunnel, HAProxy, nginx)",
-    "pooler": "pooler (PgBouncer)",
+    "relay": "relays",
+    "pooler": "pooler",
     "direct": "direct TLS (the client does TLS)",
     "plaintext": "plaintext, no TLS",
 }
@@ -188,7 +188,14 @@ KIND_LABELS = {
 
 def _legend(fig: Figure, rows: list[Row], extra: Sequence[Artist] = ()) -> None:
     kinds = {r.get("kind", "other") for r in rows}
-    handles: list[Artist] = [Patch(color=COLORS[k], label=label) for k, label in KIND_LABELS.items() if k in kinds]
+    handles: list[Artist] = []
+    for kind, label in KIND_LABELS.items():
+        if kind not in kinds:
+            continue
+        if kind in ("relay", "pooler"):  # the ones in this chart
+            names = list(dict.fromkeys(_short(r["name"]) for r in rows if r.get("kind") == kind))
+            label = f"{label.split(' (')[0]} ({', '.join(names)})"
+        handles.append(Patch(color=COLORS[kind], label=label))
     handles += extra
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
 
@@ -331,7 +338,18 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
         else:
             _suite_charts(name, suite, run, out, paths)
     _per_connection_chart(results, out, paths)
+    drawn = {p.name for p in paths}
+    stale = sorted(p.name for p in out.glob("*.png") if p.name not in drawn and _ours(p.name))
+    if stale:
+        # A run without some suite leaves the earlier run's charts of it: say so, never mix silently.
+        print(f"{out}: not redrawn by this run, from an earlier one: {', '.join(stale)}", file=sys.stderr)
     return paths
+
+
+def _ours(name: str) -> bool:
+    return name in ("memory.png", "per-connection.png") or any(
+        name == f"{suite}-{what}.png" for suite in SUITE_TITLES for what in ("throughput", "cpu")
+    )
 
 
 def latest_results(directory: Path = RESULTS) -> Path | None:
