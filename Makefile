@@ -28,10 +28,10 @@ unit: setup
 image: setup
 	scripts/image.sh
 
-# every suite, both data planes, and docs/bench/*.png redrawn from it (bench/README.md)
+# every suite, both data planes, and docs/bench/*.png redrawn from it (bench/README.md: ~15-20 min on 2 cores)
 bench:
 	scripts/setup.sh bench
-	.venv/bin/python bench/run.py --suite redis,pg,mysql,memory --plane both --charts
+	.venv/bin/python bench/run.py --suite redis,pg,mysql,memory --plane both --mem-churn 5000,1000 --charts
 
 # docs/bench/*.png (the README's Performance section) from the newest bench/results/*.json
 charts: setup

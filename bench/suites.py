@@ -258,8 +258,8 @@ def _started(legs: list[Leg], opts: Options) -> Iterator[list[Leg]]:
 
 
 def _honest_plane(leg: Leg, proxy: targets.DbmtlsProxy, opts: Options) -> None:
-    """A column asked for dataPlane native says so only if dbmtls's log says the database runs on it:
-    today PostgreSQL and MySQL stay on python (dbmtls logs why), and the column is renamed."""
+    """A column asked for dataPlane native says so only if dbmtls's log says the database runs on it;
+    a protocol the native plane does not relay runs on python (dbmtls logs why): the column is renamed."""
     ran = proxy.ran_plane()
     leg.info["ran_plane"] = ran
     if proxy.data_plane == "native" and ran != "native":
