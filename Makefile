@@ -1,5 +1,5 @@
 # The two commands for a fresh machine:  make demo   and   make test
-.PHONY: setup demo test lint unit e2e bench image clean
+.PHONY: setup demo test lint unit e2e bench charts image clean
 
 # setup runs again only when what it installs from changed (the stamp is newer otherwise);
 # `make clean` or deleting .venv forces it.
@@ -28,9 +28,14 @@ unit: setup
 image: setup
 	scripts/image.sh
 
+# every suite, both data planes, and docs/bench/*.png redrawn from it (bench/README.md: ~15-20 min on 2 cores)
 bench:
 	scripts/setup.sh bench
-	.venv/bin/python bench/run.py
+	.venv/bin/python bench/run.py --suite redis,pg,mysql,memory --plane both --mem-churn 5000,1000 --charts
+
+# docs/bench/*.png (the README's Performance section) from the newest bench/results/*.json
+charts: setup
+	.venv/bin/python bench/charts.py --out docs/bench/
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from bench.suites import MEM_CHURN_CONCURRENCY, MEM_SETTLE, MemSample, Sample
+from bench.suites import MEM_CHURN_CONCURRENCY, MEM_SETTLE, PER_CONNECTION_GOAL, LoadInfo, MemSample, Options, Sample
 
 MEMORY_DATABASES = {"redis": "Redis", "pg": "PostgreSQL"}
 UNITS = {"redis": ("req/s", "req"), "pg": ("tps", "tx"), "mysql": ("queries/s", "queries")}
@@ -13,6 +14,19 @@ UNITS = {"redis": ("req/s", "req"), "pg": ("tps", "tx"), "mysql": ("queries/s", 
 # server connections, so it is compared separately (it wins any new-connection-per-transaction load).
 RELAYS = ("stunnel", "HAProxy", "nginx")
 POOLERS = ("PgBouncer",)
+
+
+def kind_of(target: str) -> str:
+    """What a column is, for the comparisons and the charts: dbmtls, relay, pooler, direct, plaintext."""
+    if target.startswith("dbmtls"):
+        return "dbmtls"
+    if target.startswith(RELAYS):
+        return "relay"
+    if target.startswith(POOLERS):
+        return "pooler"
+    if target == "direct TLS":
+        return "direct"
+    return "plaintext" if target.startswith("plaintext") else "other"
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -60,8 +74,10 @@ def suite_table(suite: str, samples: list[Sample]) -> str:
     return "\n".join(lines)
 
 
-def comparison(suite: str, samples: list[Sample]) -> list[str]:
-    """dbmtls's medians as ratios to the best other proxy in the same run (the number that travels)."""
+def comparison(suite: str, samples: list[Sample], loads: Sequence[LoadInfo] = ()) -> list[str]:
+    """dbmtls's medians as ratios to the best other proxy in the same run (the number that travels);
+    on a new-connection-per-transaction load, also against the goal of PER_CONNECTION_GOAL x direct TLS."""
+    per_connection = {ld.name for ld in loads if ld.suite == suite and ld.per_connection}
     out = []
     mine = [s for s in samples if s.suite == suite and s.error is None]
     for load in _ordered(s.load for s in mine):
@@ -91,7 +107,11 @@ def comparison(suite: str, samples: list[Sample]) -> list[str]:
                     parts.append(f"{rate / p_rate:.2f}x the throughput of {p}{cpu}")
             direct = med("direct TLS", "rate")
             if direct:
-                parts.append(f"{rate / direct:.2f}x direct TLS")
+                goal = ""
+                if load in per_connection:
+                    met = "met" if rate / direct >= PER_CONNECTION_GOAL else "not met"
+                    goal = f" (goal {PER_CONNECTION_GOAL:g}x: {met})"
+                parts.append(f"{rate / direct:.2f}x direct TLS{goal}")
             if parts:
                 out.append(f"- {load}, {me}: " + "; ".join(parts))
     return out
@@ -133,3 +153,88 @@ def memory_tables(samples: list[MemSample]) -> str:
         out.append("\n".join(lines))
         out += [f"- {s.target}: {s.error}" for s in mine if s.error]
     return "\n\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+
+
+def _sample_json(s: Sample) -> dict[str, object]:
+    return {"rate": s.rate, "ops": s.ops, "cpu": s.cpu, "cpu_per_100k": s.cpu_per_100k, "error": s.error}
+
+
+def suite_json(suite: str, opts: Options) -> dict[str, Any]:
+    """One timed suite: per load, per target, the medians and every sample."""
+    mine = [s for s in opts.samples if s.suite == suite]
+    rate_unit, op_unit = UNITS[suite]
+    infos = {ld.name: ld for ld in opts.loads if ld.suite == suite}
+    loads = []
+    for load in _ordered(s.load for s in mine):
+        info = infos.get(load)
+        rows = []
+        for target in _ordered(s.target for s in mine):
+            runs = [s for s in mine if s.load == load and s.target == target]
+            if not runs:
+                continue
+            good = [s for s in runs if s.error is None]
+            rows.append(
+                {
+                    "name": target,
+                    "kind": kind_of(target),
+                    "info": opts.target_info.get((suite, target), {}),
+                    "rate": _median(s.rate for s in good),
+                    "cpu_per_100k": _median(s.cpu_per_100k for s in good),
+                    "runs": len(runs),
+                    "ok_runs": len(good),
+                    "samples": [_sample_json(s) for s in runs],
+                }
+            )
+        loads.append(
+            {
+                "name": load,
+                "command": info.command if info else "",
+                "per_connection": bool(info and info.per_connection),
+                "targets": rows,
+            }
+        )
+    return {
+        "rate_unit": rate_unit,
+        "op_unit": op_unit,
+        "per_connection_goal": PER_CONNECTION_GOAL,
+        "loads": loads,
+        "comparison": comparison(suite, opts.samples, opts.loads),
+    }
+
+
+def memory_json(opts: Options) -> dict[str, Any]:
+    databases = []
+    for database, title in MEMORY_DATABASES.items():
+        mine = [s for s in opts.mem_samples if s.database == database]
+        if not mine:
+            continue
+        rows = [
+            {
+                "name": s.target,
+                "kind": kind_of(s.target),
+                "info": opts.target_info.get((f"memory/{database}", s.target), {}),
+                "start_kib": s.start_kib,
+                "idle_kib": s.idle_kib,
+                "kib_per_idle": s.kib_per_idle if not s.error else None,
+                "closed_kib": s.closed_kib,
+                "churn_peak_kib": s.churn_peak_kib,
+                "churned_kib": s.churned_kib,
+                "error": s.error,
+            }
+            for s in mine
+        ]
+        databases.append(
+            {
+                "name": database,
+                "title": title,
+                "idle": mine[0].idle,
+                "churn": mine[0].churn,
+                "churn_concurrency": MEM_CHURN_CONCURRENCY,
+                "settle_s": MEM_SETTLE,
+                "targets": rows,
+            }
+        )
+    return {"databases": databases}

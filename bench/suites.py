@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import re
 import subprocess
 import time
@@ -58,20 +59,52 @@ class Leg:
     client: list[str]  # the load generator's connection arguments for this path
     proxy: targets.Proxy | None = None
     error: str | None = None
+    # What the results JSON says about the column beyond its name (dbmtls: the variant's settings)
+    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def pids(self) -> list[int]:
         return self.proxy.pids if self.proxy is not None else []
 
 
+@dataclass(frozen=True)
+class LoadInfo:
+    """One load of a suite, for the results JSON and the charts."""
+
+    suite: str
+    name: str  # the label in the tables
+    command: str  # the load generator's command line, without the connection arguments
+    per_connection: bool  # a new connection per request / transaction / query (compared with direct TLS)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One dbmtls column: its data plane and the settings the run compares."""
+
+    label: str
+    plane: str  # dataPlane asked for: python | native
+    metrics: bool  # the admin/metrics server on
+    resumption: bool | None  # tls.sessionResumption written as this; None: not written (dbmtls's default)
+    preconnect: int  # preconnect.connections written; 0: not written
+
+
+# The per-connection goal (issue 13): dbmtls's rate at least this many times direct TLS's.
+PER_CONNECTION_GOAL = 1.3
+
+
 @dataclass
 class Options:
     repeat: int = 3
     metrics: str = "off"  # off | on | both: dbmtls with --admin off, with the admin/metrics server, or both
-    # dataPlane(s) of dbmtls in the suites whose protocol the native plane relays (redis, memory)
+    # dataPlane(s) of dbmtls: python, native (a protocol the native plane does not relay yet runs on
+    # python, and its column says so)
     planes: tuple[str, ...] = ("python",)
+    # tls.sessionResumption of the dbmtls columns: None (not written), True, False; one column each
+    resumption: tuple[bool | None, ...] = (None,)
+    preconnect: int = 0  # > 0: also a dbmtls column with preconnect.connections = this
     only: tuple[str, ...] = ()  # target names to run (empty: all)
     redis_n: tuple[int, int, int] = (100_000, 1_000_000, 15_000)
+    redis_conn_n: int = 1500  # redis-benchmark -n of the new-connection-per-request load
     pg_duration: int = 6  # pgbench -T takes whole seconds
     pg_scale: int = 10
     mysql_queries: int = 40_000
@@ -81,6 +114,12 @@ class Options:
     log: Callable[[str], None] = print
     samples: list[Sample] = field(default_factory=list)
     mem_samples: list[MemSample] = field(default_factory=list)
+    loads: list[LoadInfo] = field(default_factory=list)
+    # (protocol, dbmtls column) -> why this dbmtls rejects that column's config for the protocol
+    # (preconnect is for TLS-first protocols only): the column is left out of that suite
+    not_for: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (suite, column) -> what the column is beyond its name (Leg.info, plus how it was reached)
+    target_info: dict[tuple[str, str], dict[str, object]] = field(default_factory=dict)
 
 
 class RunError(Exception):
@@ -105,26 +144,96 @@ def _wanted(opts: Options, name: str) -> bool:
     return not opts.only or any(o.lower() in name.lower() for o in opts.only)
 
 
-def _dbmtls_variants(opts: Options) -> list[tuple[str, bool]]:
-    return {
-        "off": [("dbmtls", False)],
-        "on": [("dbmtls", True)],
-        "both": [("dbmtls", False), ("dbmtls+metrics", True)],
-    }[opts.metrics]
+def dbmtls_variants(opts: Options) -> list[Variant]:
+    """dbmtls's columns: every data plane x metrics setting x resumption setting x (no pool, pool).
 
-
-def _dbmtls_legs(workdir: Path, pki: PKI, up: targets.Upstream, opts: Options) -> list[targets.Proxy]:
-    """dbmtls once per metrics variant and data plane (the native plane as "dbmtls native")."""
+    Labels: "dbmtls" (python plane), "dbmtls native"; "+metrics" with --metrics both; " +resume" /
+    " -resume" when --resumption wrote tls.sessionResumption true / false; " +poolN" with
+    --preconnect N."""
+    metrics = {"off": [False], "on": [True], "both": [False, True]}[opts.metrics]
+    pools = (0, opts.preconnect) if opts.preconnect > 0 else (0,)
     out = []
     for plane in opts.planes:
-        for label, metrics in _dbmtls_variants(opts):
-            name = _plane_label(label, plane)
-            out.append(targets.dbmtls(workdir, pki, up, metrics=metrics, label=name, data_plane=plane))
+        for m in metrics:
+            for resumption in opts.resumption:
+                for pool in pools:
+                    label = "dbmtls" + (" native" if plane == "native" else "")
+                    label += "+metrics" if m and opts.metrics == "both" else ""
+                    label += {None: "", True: " +resume", False: " -resume"}[resumption]
+                    label += f" +pool{pool}" if pool else ""
+                    out.append(Variant(label, plane, m, resumption, pool))
     return out
 
 
-def _plane_label(label: str, plane: str) -> str:
-    return label if plane == "python" else label.replace("dbmtls", "dbmtls native", 1)
+SUITE_PROTOCOLS = {"redis": ["redis"], "pg": ["postgres"], "mysql": ["mysql"], "memory": ["redis", "postgres"]}
+
+
+def preflight(suites: list[str], opts: Options) -> str | None:
+    """--resumption and --preconnect write keys an older dbmtls does not know, and that a dbmtls
+    may refuse for a protocol (preconnect: TLS-first protocols only).  Each such column's config is
+    loaded with the dbmtls that will run, per protocol, before any server starts: a column refused
+    for one protocol is left out of that suite (``opts.not_for``, said in the report); a column
+    refused for every protocol of the run stops it, with the loader's message."""
+    from dbmtls.config.load import config_from_documents
+    from dbmtls.errors import ConfigError
+
+    protocols = sorted({p for s in suites for p in SUITE_PROTOCOLS[s]})
+    for v in dbmtls_variants(opts):
+        if v.resumption is None and not v.preconnect:
+            continue  # what every run writes
+        refused = {}
+        for protocol in protocols:
+            up = targets.Upstream(6379, protocol)
+            doc = targets.dbmtls_config(
+                None, up, 16379, data_plane=v.plane, resumption=v.resumption, preconnect=v.preconnect
+            )
+            try:
+                config_from_documents([(doc, "bench")], "bench")
+            except ConfigError as exc:
+                refused[protocol] = str(exc)
+        if refused and len(refused) == len(protocols):
+            why = "; ".join(f"{p}: {m}" for p, m in refused.items())
+            hint = (
+                "\n(--resumption writes tls.sessionResumption, --preconnect writes preconnect: both need a "
+                "dbmtls that has them)"
+                if "unknown field" in why
+                else ""
+            )
+            return f"this dbmtls rejects the config of {v.label!r}: {why}{hint}"
+        for protocol, why in refused.items():
+            opts.not_for[(protocol, v.label)] = why
+            opts.log(f"{v.label}: left out for {protocol}: {why}")
+    return None
+
+
+def _dbmtls_legs(workdir: Path, pki: PKI, up: targets.Upstream, opts: Options) -> list[Leg]:
+    out = []
+    for v in dbmtls_variants(opts):
+        if (up.protocol, v.label) in opts.not_for:
+            continue
+        proxy = targets.dbmtls(
+            workdir,
+            pki,
+            up,
+            metrics=v.metrics,
+            label=v.label,
+            data_plane=v.plane,
+            resumption=v.resumption,
+            preconnect=v.preconnect,
+        )
+        info: dict[str, object] = {
+            "plane": v.plane,
+            "metrics": v.metrics,
+            "sessionResumption": v.resumption,
+            "preconnect": v.preconnect,
+        }
+        out.append(Leg(v.label, [], proxy, info=info))
+    return out
+
+
+def _record(suite: str, legs: list[Leg], opts: Options) -> None:
+    for leg in legs:
+        opts.target_info[(suite, leg.name)] = {**leg.info, **({"error": leg.error} if leg.error else {})}
 
 
 @contextlib.contextmanager
@@ -138,11 +247,25 @@ def _started(legs: list[Leg], opts: Options) -> Iterator[list[Leg]]:
             except Exception as exc:
                 leg.error = f"did not start: {_first_line(str(exc))}"
                 opts.log(f"  {leg.name}: {leg.error}\n{exc}")
+                continue
+            if isinstance(leg.proxy, targets.DbmtlsProxy):
+                _honest_plane(leg, leg.proxy, opts)
         yield legs
     finally:
         for leg in legs:
             if leg.proxy is not None:
                 leg.proxy.stop()
+
+
+def _honest_plane(leg: Leg, proxy: targets.DbmtlsProxy, opts: Options) -> None:
+    """A column asked for dataPlane native says so only if dbmtls's log says the database runs on it;
+    a protocol the native plane does not relay runs on python (dbmtls logs why): the column is renamed."""
+    ran = proxy.ran_plane()
+    leg.info["ran_plane"] = ran
+    if proxy.data_plane == "native" and ran != "native":
+        old = leg.name
+        leg.name = proxy.name = old.replace("dbmtls native", f"dbmtls native (ran {ran})", 1)
+        opts.log(f"  {old}: dbmtls's log says this database is not on the native plane; column: {leg.name}")
 
 
 def _rounds(
@@ -202,6 +325,9 @@ REDIS_LOADS = [
     ("`-t get -c 50 -P 32`", ["-c", "50", "-P", "32"], 3),
     ("`-t get -c 4 -P 1 -d 65536`", ["-c", "4", "-P", "1"], 65536),
 ]
+# -k 0: redis-benchmark closes the connection after every reply and opens a new one (with --tls, a
+# full handshake each time: it does not resume sessions), so this load is the connection set-up cost.
+REDIS_CONN_LOAD = ("`-t get -c 4 -k 0` (new connection per request)", ["-c", "4", "-P", "1", "-k", "0"], 3)
 # redis-benchmark's GET reads this literal key (no -r): it must exist, or -d means nothing.
 REDIS_KEY = b"key:__rand_int__"
 
@@ -215,7 +341,7 @@ def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         Leg("plaintext, no TLS", ["-p", str(server.plain_port)]),
         Leg("direct TLS", ["-p", str(server.tls_port), *tls_args]),
     ]
-    legs += [Leg(proxy.name, [], proxy) for proxy in _dbmtls_legs(workdir, pki, up, opts)]
+    legs += _dbmtls_legs(workdir, pki, up, opts)
     legs += [
         Leg("stunnel", [], targets.stunnel(workdir, pki, up)),
         Leg("HAProxy", [], targets.haproxy(workdir, pki, up)),
@@ -226,11 +352,16 @@ def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
     def bench(leg: Leg, load: str, args: list[str], n: int) -> Sample:
         client = leg.client or ["-p", str(leg.proxy.port if leg.proxy else 0)]
         cmd = ["redis-benchmark", "-h", "127.0.0.1", *client, "-t", "get", *args, "-n", str(n), "--csv"]
-        hits0 = server.hits()
+        stats0 = server.info_stats()
         cpu0 = cpu_of(leg.pids)
-        out = _run(cmd, timeout=max(120.0, n / 200))
+        out = _run(cmd, timeout=max(120.0, n / (20 if "-k" in args else 200)))
         cpu = cpu_of(leg.pids) - cpu0
-        served = server.hits() - hits0
+        stats = server.info_stats()
+        served = stats["keyspace_hits"] - stats0["keyspace_hits"]
+        # A new connection per request must reach the server as one (a preconnect pool opens
+        # them ahead, so up to its size may have been counted before the run).
+        conns = stats["total_connections_received"] - stats0["total_connections_received"]
+        conns_needed = n - opts.preconnect if "-k" in args else 0
         rate = None
         for row in csv.reader(io.StringIO(out.stdout)):
             if row and row[0] == "GET":
@@ -241,15 +372,20 @@ def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         elif served < n:
             # Error replies (NOAUTH, a proxy's own message) count as "requests" in redis-benchmark.
             error = f"server answered {served} of {n} GETs with the value: {_first_line(out.stderr)}"
+        elif conns < conns_needed:
+            error = f"{n} requests on new connections reached the server on {conns} connections"
         elif "error" in out.stderr.lower():
             error = _first_line(out.stderr)
         return Sample(suite, load, leg.name, rate, n, cpu if leg.proxy else None, error)
 
     loads: list[tuple[str, Callable[[Leg], Sample]]] = []
     sizes: dict[str, int] = {}
-    for (label, args, size), n in zip(REDIS_LOADS, opts.redis_n, strict=True):
+    for (label, args, size), n in zip([*REDIS_LOADS, REDIS_CONN_LOAD], [*opts.redis_n, opts.redis_conn_n], strict=True):
         sizes[label] = size
         loads.append((label, lambda leg, label=label, args=args, n=n: bench(leg, label, args, n)))  # type: ignore[misc]
+        command = " ".join(["redis-benchmark -t get", *args, "-n", str(n)])
+        command += f" (the key holds {size} bytes)" if size > 3 else ""
+        opts.loads.append(LoadInfo(suite, label, command, per_connection="-k" in args))
 
     def set_value(load: str) -> None:
         server.command(b"SET", REDIS_KEY, b"x" * sizes[load])
@@ -259,6 +395,7 @@ def redis_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         with _started(legs, opts):
             set_value(REDIS_LOADS[0][0])
             _verify(legs, lambda leg: bench(leg, "check", ["-c", "10", "-P", "4"], 2000), opts)
+            _record(suite, legs, opts)
             _not_measured(suite, legs, [ld[0] for ld in loads], opts)
             _rounds(suite, legs, loads, opts, before_load=set_value)
     finally:
@@ -295,9 +432,8 @@ def pg_suite(workdir: Path, pki: PKI, opts: Options) -> None:
 
         direct = f"sslmode=verify-full sslcert={pki.client.cert} sslkey={pki.client.key} sslrootcert={pki.ca_cert}"
         legs = [Leg("direct TLS", [f"host=localhost port={pg.port} user={PG_USER} dbname={PG_DB} {direct}"])]
-        for label, metrics in _dbmtls_variants(opts):
-            # The app on libpq's default sslmode (prefer): dbmtls answers its SSLRequest with N.
-            legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+        # The app on libpq's default sslmode (prefer): dbmtls answers its SSLRequest with N.
+        legs += _dbmtls_legs(workdir, pki, up, opts)
         # stunnel's pgsql protocol cannot answer the app's own SSLRequest: the app must say sslmode=disable.
         stunnel = targets.stunnel(workdir, pki, up, protocol="pgsql")
         legs.append(Leg("stunnel (`protocol=pgsql`)", ["sslmode=disable"], stunnel))
@@ -329,8 +465,11 @@ def pg_suite(workdir: Path, pki: PKI, opts: Options) -> None:
             (pooled, lambda leg: bench(leg, pooled, ["-S", "-c", "8", "-j", "2", "-T", t])),
             (churn, lambda leg: bench(leg, churn, ["-S", "-C", "-c", "4", "-j", "2", "-T", t])),
         ]
+        opts.loads.append(LoadInfo(suite, pooled, f"pgbench -n -S -c 8 -j 2 -T {t}", per_connection=False))
+        opts.loads.append(LoadInfo(suite, churn, f"pgbench -n -S -C -c 4 -j 2 -T {t}", per_connection=True))
         with _started(legs, opts):
             _verify(legs, lambda leg: bench(leg, "check", ["-S", "-c", "2", "-j", "1", "-t", "50"]), opts)
+            _record(suite, legs, opts)
             _not_measured(suite, legs, [ld[0] for ld in loads], opts)
             _rounds(suite, legs, loads, opts)
     finally:
@@ -374,9 +513,8 @@ def mysql_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         up = targets.Upstream(db.port, "mysql")
         tls = ["--ssl", f"--ssl-ca={pki.ca_cert}", f"--ssl-cert={pki.client.cert}", f"--ssl-key={pki.client.key}"]
         legs = [Leg("direct TLS", [f"--port={db.port}", *tls, "--ssl-verify-server-cert"])]
-        for label, metrics in _dbmtls_variants(opts):
-            # No TLS options at all: the app talks plaintext to dbmtls (MariaDB 10.11 clients default to no TLS).
-            legs.append(Leg(label, [], targets.dbmtls(workdir, pki, up, metrics=metrics, label=label)))
+        # No TLS options at all: the app talks plaintext to dbmtls (MariaDB 10.11 clients default to no TLS).
+        legs += _dbmtls_legs(workdir, pki, up, opts)
         legs = [leg for leg in legs if _wanted(opts, leg.name)]
 
         def bench(leg: Leg, load: str, concurrency: int, queries: int, iterations: int) -> Sample:
@@ -416,8 +554,13 @@ def mysql_suite(workdir: Path, pki: PKI, opts: Options) -> None:
             (select_load, lambda leg: bench(leg, select_load, 8, q, 1)),
             (connect_load, lambda leg: bench(leg, connect_load, 4, 4, conns)),
         ]
+        slap = f"mariadb-slap --query='{MYSQL_QUERY}'"
+        opts.loads.append(LoadInfo(suite, select_load, f"{slap} -c 8 --number-of-queries={q}", per_connection=False))
+        per_connection = f"{slap} -c 4 --number-of-queries=4 --iterations={conns}"
+        opts.loads.append(LoadInfo(suite, connect_load, per_connection, per_connection=True))
         with _started(legs, opts):
             _verify(legs, lambda leg: bench(leg, "check", 2, 200, 1), opts)
+            _record(suite, legs, opts)
             _not_measured(suite, legs, [ld[0] for ld in loads], opts)
             _rounds(suite, legs, loads, opts)
     finally:
@@ -480,25 +623,21 @@ def _memory_of(database: str, leg: Leg, target: churn.Target, idle: int, n: int,
 
 def memory_suite(workdir: Path, pki: PKI, opts: Options) -> None:
     """Idle connections and churn, one proxy at a time: Redis (dbmtls, stunnel, HAProxy, nginx) and
-    PostgreSQL (dbmtls, PgBouncer).  Each proxy gets room for the idle connections (HAProxy maxconn,
-    nginx worker_connections, PgBouncer pool size)."""
+    PostgreSQL (dbmtls, stunnel's pgsql protocol, PgBouncer).  Each proxy gets room for the idle
+    connections (HAProxy maxconn, nginx worker_connections, PgBouncer pool size)."""
     (redis_idle, pg_idle), (redis_n, pg_n) = opts.mem_idle, opts.mem_churn
     server = Redis(workdir, pki, maxclients=redis_idle * 2 + 1000)
     up = targets.Upstream(server.tls_port, "redis")
-    proxies = [
-        *(targets.dbmtls(workdir, pki, up, label=_plane_label("dbmtls", p), data_plane=p) for p in opts.planes),
-        targets.stunnel(workdir, pki, up),
-        targets.haproxy(workdir, pki, up, maxconn=redis_idle * 2 + 1000),
-        targets.nginx(workdir, pki, up, worker_connections=redis_idle * 4 + 1000),
+    legs = [
+        *_dbmtls_legs(workdir, pki, up, opts),
+        Leg("stunnel", [], targets.stunnel(workdir, pki, up)),
+        Leg("HAProxy", [], targets.haproxy(workdir, pki, up, maxconn=redis_idle * 2 + 1000)),
+        Leg("nginx", [], targets.nginx(workdir, pki, up, worker_connections=redis_idle * 4 + 1000)),
     ]
-    legs = [Leg(p.name, [], p) for p in proxies if _wanted(opts, p.name)]
+    legs = [leg for leg in legs if _wanted(opts, leg.name)]
     try:
         server.start()
-        for leg in legs:  # one at a time: the others are not even running
-            with _started([leg], opts):
-                if leg.error is None and leg.proxy is not None:
-                    target = churn.Target("redis", leg.proxy.port)
-                    opts.mem_samples.append(_memory_of("redis", leg, target, redis_idle, redis_n, opts))
+        _measure_memory("redis", legs, lambda port: churn.Target("redis", port), redis_idle, redis_n, opts)
     finally:
         server.stop()
 
@@ -509,18 +648,50 @@ def memory_suite(workdir: Path, pki: PKI, opts: Options) -> None:
         pg.start()
         pg.create_user(churn.USER, database=churn.PG_DATABASE)
         up = targets.Upstream(pg.port, "postgres")
-        proxies = [
-            targets.dbmtls(workdir, pki, up),
-            targets.pgbouncer(workdir, pki, up, db=churn.PG_DATABASE, user=churn.USER, pool_size=pg_idle + 10),
+        bouncer = targets.pgbouncer(workdir, pki, up, db=churn.PG_DATABASE, user=churn.USER, pool_size=pg_idle + 10)
+        legs = [
+            *_dbmtls_legs(workdir, pki, up, opts),
+            # the app must say sslmode=disable to stunnel's pgsql protocol (see the pg suite)
+            Leg("stunnel (`protocol=pgsql`)", ["sslmode=disable"], targets.stunnel(workdir, pki, up, protocol="pgsql")),
+            Leg("PgBouncer", [], bouncer),
         ]
-        legs = [Leg(p.name, [], p) for p in proxies if _wanted(opts, p.name)]
-        for leg in legs:
-            with _started([leg], opts):
-                if leg.error is None and leg.proxy is not None:
-                    target = churn.target_for("postgres", leg.proxy.port)
-                    opts.mem_samples.append(_memory_of("pg", leg, target, pg_idle, pg_n, opts))
+        legs = [leg for leg in legs if _wanted(opts, leg.name)]
+        _measure_memory("pg", legs, lambda port: churn.target_for("postgres", port), pg_idle, pg_n, opts)
     finally:
         pg.stop()
+
+
+@contextlib.contextmanager
+def _libpq_env(settings: list[str]) -> Iterator[None]:
+    """libpq reads PGSSLMODE at every connect: the memory suite's clients (psycopg, on libpq's
+    defaults) get a leg's ``sslmode=...`` this way, for that leg only."""
+    modes = [s.split("=", 1)[1] for s in settings if s.startswith("sslmode=")]
+    if not modes:
+        yield
+        return
+    old = os.environ.get("PGSSLMODE")
+    os.environ["PGSSLMODE"] = modes[0]
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PGSSLMODE"]
+        else:
+            os.environ["PGSSLMODE"] = old
+
+
+def _measure_memory(
+    database: str, legs: list[Leg], target_at: Callable[[int], churn.Target], idle: int, n: int, opts: Options
+) -> None:
+    """One proxy at a time (the others are not even running); a proxy that does not start still gets
+    its column, as an error, so every target of the run is in the table."""
+    for leg in legs:
+        with _started([leg], opts), _libpq_env(leg.client):
+            if leg.error is None and leg.proxy is not None:
+                opts.mem_samples.append(_memory_of(database, leg, target_at(leg.proxy.port), idle, n, opts))
+            else:
+                opts.mem_samples.append(MemSample(database, leg.name, idle=idle, churn=n, error=leg.error))
+        _record(f"memory/{database}", [leg], opts)
 
 
 SUITES: dict[str, Callable[[Path, PKI, Options], None]] = {

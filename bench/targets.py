@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.procs import Service, as_user, chown_tree, free_port, wait_port
 
@@ -78,34 +80,94 @@ def dbmtls(
     metrics: bool = False,
     label: str = "dbmtls",
     data_plane: str = "python",
-) -> Proxy:
-    d = _dir(workdir, label.replace(" ", "-"))
+    resumption: bool | None = None,
+    preconnect: int = 0,
+) -> DbmtlsProxy:
+    d = _dir(workdir, re.sub(r"[^\w.+-]+", "-", label))
     port = free_port()
-    config: dict[str, object] = {
-        "dataPlane": data_plane,  # native: the relay in dbmtls._native (docs/native.md)
-        "databases": [
-            {
-                "name": "bench",
-                "protocol": up.protocol,
-                "listen": f"127.0.0.1:{port}",
-                "address": f"{up.name}:{up.port}",
-                "dial": f"{up.host}:{up.port}",
-                "tls": {
-                    "mode": "MUTUAL",
-                    "clientCertificate": pki.client.cert,
-                    "privateKey": pki.client.key,
-                    "caCertificates": pki.ca_cert,
-                },
-            }
-        ],
-    }
+    config = dbmtls_config(pki, up, port, data_plane=data_plane, resumption=resumption, preconnect=preconnect)
     cfg = d / "dbmtls.yaml"
     cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
     admin_port = free_port() if metrics else None
     admin = f"127.0.0.1:{admin_port}" if admin_port else "off"
     cmd = [sys.executable, "-m", "dbmtls", "run", "-c", str(cfg), "--admin", admin]
     extra = (admin_port,) if admin_port else ()
-    return Proxy(label, Service(label, cmd, d / "dbmtls.log", port=port), extra_ports=extra)
+    service = Service(label, cmd, d / "dbmtls.log", port=port)
+    return DbmtlsProxy(label, service, extra_ports=extra, data_plane=data_plane)
+
+
+def dbmtls_config(
+    pki: PKI | None,
+    up: Upstream,
+    port: int,
+    *,
+    data_plane: str = "python",
+    resumption: bool | None = None,
+    preconnect: int = 0,
+) -> dict[str, Any]:
+    """dbmtls's config for one database.  ``tls.sessionResumption`` and ``preconnect`` are written
+    only when asked for (--resumption, --preconnect): a dbmtls that does not know them rejects the
+    whole file, so a plain run must not depend on them."""
+    tls: dict[str, object] = {
+        "mode": "MUTUAL",
+        "clientCertificate": pki.client.cert if pki else "client.crt",
+        "privateKey": pki.client.key if pki else "client.key",
+        "caCertificates": pki.ca_cert if pki else "ca.crt",
+    }
+    if resumption is not None:
+        tls["sessionResumption"] = resumption
+    database: dict[str, object] = {
+        "name": "bench",
+        "protocol": up.protocol,
+        "listen": f"127.0.0.1:{port}",
+        "address": f"{up.name}:{up.port}",
+        "dial": f"{up.host}:{up.port}",
+        "tls": tls,
+    }
+    if preconnect > 0:
+        database["preconnect"] = {"connections": preconnect, "maxIdle": "30s"}
+    # dataPlane native: the relay in dbmtls._native (docs/native.md)
+    return {"dataPlane": data_plane, "databases": [database]}
+
+
+class DbmtlsProxy(Proxy):
+    """dbmtls, which says in its log which data plane relays each database."""
+
+    def __init__(self, name: str, service: Service, *, extra_ports: tuple[int, ...], data_plane: str) -> None:
+        super().__init__(name, service, extra_ports=extra_ports)
+        self.data_plane = data_plane
+        self._log_from = 0
+
+    def start(self) -> DbmtlsProxy:
+        self.mark_log()
+        super().start()
+        return self
+
+    def mark_log(self) -> None:
+        """The log file is appended to (a later suite's dbmtls of the same name writes to it too):
+        this start's lines are those after the current end."""
+        log = self.service.log
+        self._log_from = log.stat().st_size if log.exists() else 0
+
+    def ran_plane(self) -> str:
+        """The data plane that relays the database, from this start's log: ``native``, ``python``
+        (asked for python, or native asked for and not had: no extension, or a protocol the native
+        plane does not relay yet) or ``unknown`` (native asked for, and the log does not say)."""
+        if self.data_plane != "native":
+            return "python"
+        try:
+            with open(self.service.log, "rb") as f:
+                f.seek(self._log_from)
+                text = f.read(1 << 20).decode(errors="replace")
+        except FileNotFoundError:
+            return "unknown"
+        if "dataPlane native is not available" in text:
+            return "python"
+        for line in text.splitlines():
+            if "data plane native" in line:
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                return "native" if "bench" in fields.get("native", "").split(",") else "python"
+        return "unknown"
 
 
 def stunnel(workdir: Path, pki: PKI, up: Upstream, *, protocol: str | None = None) -> Proxy:

@@ -3,7 +3,7 @@
 # demo use (installed with apt when missing and we are root), and a virtualenv
 # with dbmtls and its test dependencies.  Safe to run again: it only adds what is missing.
 #   scripts/setup.sh          # runtime + tests + demo
-#   scripts/setup.sh bench    # also the proxies the benchmark compares against
+#   scripts/setup.sh bench    # also the proxies the benchmark compares against, and its charts' matplotlib
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +71,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+extras=test
+# bench: matplotlib for bench/charts.py (the test extra has it too: a unit test draws the charts)
+if [ "${1:-}" = "bench" ]; then extras=test,bench; fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
 # The extension is optional for pip (a platform without a compiler still gets dbmtls, on the
 # Python data plane); here it must have been built, or the native tests would be skipped.
 if ! .venv/bin/python -c 'import dbmtls._native' 2>/dev/null; then
