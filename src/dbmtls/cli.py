@@ -237,7 +237,7 @@ def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
     python = [db.name for db in config.databases if not runs_native(db.spec)]
     lines = [f"data plane: native ({module.OPENSSL_VERSION}) for {', '.join(native) or 'none'}"]
     if python:
-        lines.append(f"  python for {', '.join(python)}: their protocols are relayed by python for now")
+        lines.append(f"  python for {', '.join(python)}: their session drivers run on the python plane only")
     return lines
 
 

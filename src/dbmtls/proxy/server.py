@@ -51,8 +51,8 @@ def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
 
 
 def runs_native(spec: ProtocolSpec) -> bool:
-    """Whether ``dataPlane: native`` applies to the protocol (its session dials and relays
-    through ``sessions.common``; docs/native.md)."""
+    """Whether ``dataPlane: native`` applies to the protocol (its session dials or upgrades, and
+    relays, through ``sessions.common``; every built-in protocol does; docs/native.md)."""
     return bool(getattr(session_class(spec), "native_capable", False))
 
 
@@ -161,7 +161,7 @@ class Proxy:
         fields: dict[str, object] = {"native": ",".join(native) or "none", "threads": self.plane.threads}
         if python:
             fields["python"] = ",".join(python)
-            fields["why"] = "their protocols (postgres, mysql) are relayed by python for now"
+            fields["why"] = "their session drivers run on the python plane only"
         LOG.info("data plane native", extra={"fields": fields})
 
     async def start(self) -> None:
