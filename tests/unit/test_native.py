@@ -771,6 +771,8 @@ def test_a_rejected_certificate_on_the_first_read_is_python_s_error(pki: PKI) ->
 def test_relay_after_in_band_sends_pending_and_held_bytes_first_and_watch_sees_them(pki: PKI, rig: Rig) -> None:
     said = threading.Event()
     more = threading.Event()
+    go = threading.Event()
+    from_app: list[bytes] = []
 
     def server_side(conn: Any) -> None:
         assert recv_exact(conn, 7) == b"startup"
@@ -779,6 +781,8 @@ def test_relay_after_in_band_sends_pending_and_held_bytes_first_and_watch_sees_t
         conn.sendall(b"second")  # held by the worker, never taken by Python
         more.wait(15)
         conn.sendall(b"third")
+        from_app.append(recv_exact(conn, len(b"app-first")))
+        go.wait(15)  # nothing more from the server until the watch is over
         echo(conn)
 
     server = Server(server_ctx(pki), server_side)
@@ -808,12 +812,14 @@ def test_relay_after_in_band_sends_pending_and_held_bytes_first_and_watch_sees_t
         copies = b"".join(e[2] for e in rig.events[conn.id] if e[1] == "copy")
         assert copies == b"secondthird"  # what Python did not see itself, in order
         conn.unwatch()
+        go.set()
         app.sendall(b"ping")
-        assert recv_exact(app, len(b"app-firstping")) == b"app-firstping"  # the echo: app_pending went first
+        assert recv_exact(app, 4) == b"ping"
+        assert from_app == [b"app-first"]  # the app's pending bytes went to the server first
         for event in native_events(rig):
             rig.events.setdefault(event[0], []).append(event)
         assert b"".join(e[2] for e in rig.events[conn.id] if e[1] == "copy") == copies  # no copy after unwatch
-        assert conn.bytes_from_upstream == len(b"firstsecondthirdapp-firstping")  # counted as relay.py does
+        assert conn.bytes_from_upstream == len(b"firstsecondthirdping")  # counted as relay.py does
         app.close()
         rig.wait(conn, "closed")
     finally:
