@@ -1191,7 +1191,8 @@ static void cmd_write(worker_t *w, conn_t *c) {
     pend_t data = c->wbuf;
     memset(&c->wbuf, 0, sizeof c->wbuf);
     pthread_mutex_unlock(&c->io_lock);
-    if ((c->state != ST_HANDSHAKE && c->state != ST_READY) || pend_append(&c->up.out, data.data ? data.data + data.off : "", pend_size(&data)) < 0) {
+    if ((c->state != ST_HANDSHAKE && c->state != ST_READY) ||
+        pend_append(&c->up.out, data.data ? data.data + data.off : "", pend_size(&data)) < 0) {
         pend_free(&data); /* the server is gone (EV_LOST said so) or the relay owns up.out now */
         return;
     }
