@@ -230,6 +230,8 @@ def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
         return []
     module, why = load()
     if module is None:
+        if config.dataPlane == "auto":  # the default: python is what this build has, nothing to warn about
+            return [f"data plane: python (native not available: {why})"]
         for report in reports:
             report["warnings"].append(f"dataPlane native is not available, dbmtls run uses python: {why}")
         return [f"data plane: python (native asked for, not available: {why})"]

@@ -633,6 +633,20 @@ def test_check_says_which_database_runs_on_which_plane(
     assert "# data plane: python (native asked for, not available:" in result.stdout
     assert "warning: cache: dataPlane native is not available, dbmtls run uses python:" in result.stderr
 
+    # the default (auto) on such a build: python, said once, nothing to warn about
+    del config["dataPlane"]
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# data plane: python (native not available: the extension dbmtls._native" in result.stdout
+    assert "dataPlane native is not available" not in result.stderr
+
+    # and with the extension, auto is native
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"# data plane: native ({native.OPENSSL_VERSION}) for cache, pg, maria\n" in result.stdout
+
 
 # --- in-band: reading and writing over TLS before the relay (PostgreSQL, MySQL) -------------------
 
@@ -830,3 +844,25 @@ def native_events(rig: Rig) -> list[tuple[Any, ...]]:
     """Whatever is queued now (the worker posts a chunk's copy before it writes the chunk)."""
     events: list[tuple[Any, ...]] = rig.engine.events()
     return events
+
+
+def test_the_default_data_plane_is_native_when_the_extension_loads(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbmtls.native
+    from dbmtls.config.model import Config
+    from dbmtls.proxy.server import Proxy
+
+    tls = {"mode": "MUTUAL", "clientCertificate": pki.client.cert, "privateKey": pki.client.key}
+    dbs = [
+        {"name": n, "protocol": p, "listen": f"127.0.0.1:{i + 1}", "address": "localhost:9", "tls": tls}
+        for i, (n, p) in enumerate([("cache", "redis"), ("pg", "postgres"), ("maria", "mariadb"), ("raw", "tcp")])
+    ]
+    config = Config.model_validate({"databases": dbs})
+    assert config.dataPlane == "auto"
+    proxy = Proxy(config)
+    assert proxy.plane is not None
+    assert all(rt.native is proxy.plane for rt in proxy.runtimes.values())
+    assert Proxy(Config.model_validate({"databases": dbs, "dataPlane": "python"})).plane is None
+
+    monkeypatch.setattr(dbmtls.native, "_loaded", (None, "the extension dbmtls._native is not available (test)"))
+    fallback = Proxy(config)
+    assert fallback.plane is None and "not available (test)" in str(fallback.plane_problem)

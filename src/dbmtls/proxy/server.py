@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import socket
 import stat
@@ -86,7 +87,7 @@ class Proxy:
         self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
         self.plane: NativePlane | None = None
         self.plane_problem: str | None = None
-        if config.dataPlane == "native":
+        if config.dataPlane != "python":  # native, or auto: native when the extension loads
             module, self.plane_problem = load_native()
             if module is not None:
                 self.plane = NativePlane(module)
@@ -151,7 +152,9 @@ class Proxy:
         if self.config.dataPlane == "python":
             return
         if self.plane is None:
-            LOG.warning(
+            # asked for: a warning; the default (auto) on a build without the extension: news
+            LOG.log(
+                logging.WARNING if self.config.dataPlane == "native" else logging.INFO,
                 "dataPlane native is not available: using the python data plane",
                 extra={"fields": {"error": self.plane_problem}},
             )
