@@ -230,6 +230,8 @@ def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
         return []
     module, why = load()
     if module is None:
+        if config.dataPlane == "auto":  # the default: python is what this build has, nothing to warn about
+            return [f"data plane: python (native not available: {why})"]
         for report in reports:
             report["warnings"].append(f"dataPlane native is not available, dbmtls run uses python: {why}")
         return [f"data plane: python (native asked for, not available: {why})"]
@@ -237,7 +239,7 @@ def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
     python = [db.name for db in config.databases if not runs_native(db.spec)]
     lines = [f"data plane: native ({module.OPENSSL_VERSION}) for {', '.join(native) or 'none'}"]
     if python:
-        lines.append(f"  python for {', '.join(python)}: their protocols are relayed by python for now")
+        lines.append(f"  python for {', '.join(python)}: their session drivers run on the python plane only")
     return lines
 
 

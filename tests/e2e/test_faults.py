@@ -142,7 +142,9 @@ def test_garbage_instead_of_tls(pki: PKI, workdir: Path, hostile: list[Hostile],
         p.wait_line(r"connection failed db=g .*reason=server_refused_tls")
 
 
-def test_postgres_server_that_accepts_and_says_nothing(pki: PKI, workdir: Path, hostile: list[Hostile]) -> None:
+def test_postgres_server_that_accepts_and_says_nothing(
+    pki: PKI, workdir: Path, hostile: list[Hostile], data_plane: str
+) -> None:
     import psycopg
 
     gate = threading.Event()
@@ -158,7 +160,8 @@ def test_postgres_server_that_accepts_and_says_nothing(pki: PKI, workdir: Path, 
         "handshakeTimeout": "500ms",
     }
     try:
-        with Dbmtls(workdir, {"databases": [db]}).start((port,)) as p:
+        with Dbmtls(workdir, {"databases": [db], "dataPlane": data_plane}).start((port,)) as p:
+            on_plane(p, data_plane)
             with pytest.raises(psycopg.OperationalError, match=r"did not answer the SSLRequest within 0\.5s"):
                 psycopg.connect(f"host=127.0.0.1 port={port} user=app dbname=app connect_timeout=15")
             p.wait_line(r"connection failed db=quiet .*reason=timeout")
@@ -230,7 +233,7 @@ def test_fd_exhaustion_answers_too_many_and_keeps_the_admin_alive(
         assert ask(port) == b"+PONG\r\n"  # and back to normal once they are gone
 
 
-def test_slow_loris_app_is_closed(pki: PKI, workdir: Path) -> None:
+def test_slow_loris_app_is_closed(pki: PKI, workdir: Path, data_plane: str) -> None:
     port = free_port()
     db = {
         "name": "slow",
@@ -240,7 +243,9 @@ def test_slow_loris_app_is_closed(pki: PKI, workdir: Path) -> None:
         "tls": tls_block(pki),
         "handshakeTimeout": "300ms",
     }
-    with Dbmtls(workdir, {"databases": [db]}).start((port,)) as p, socket.create_connection(("127.0.0.1", port)) as s:
+    config = {"databases": [db], "dataPlane": data_plane}
+    with Dbmtls(workdir, config).start((port,)) as p, socket.create_connection(("127.0.0.1", port)) as s:
+        on_plane(p, data_plane)
         s.settimeout(15)
         s.sendall(b"\x00\x00\x00")  # three bytes of a startup packet, then nothing
         assert s.recv(1024) == b""  # dbmtls gives the slot back after 3 x handshakeTimeout

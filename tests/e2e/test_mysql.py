@@ -34,7 +34,7 @@ from support.certs import PKI
 from support.fake_mysql8 import CACHING_SHA2, SHA256, Account, FakeMySQL8
 from support.mariadb_server import MariaDB
 from support.net import free_port
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +121,7 @@ def mysql_mariadb(pki: PKI) -> Iterator[MariaDB]:
 def mysql_mariadb_no_tls() -> Iterator[MariaDB]:
     server = MariaDB(None, None).start()
     try:
+        server.sql("CREATE USER 'plainuser'@'%' IDENTIFIED BY 'plain-pw';")
         yield server
     finally:
         server.stop()
@@ -128,7 +129,11 @@ def mysql_mariadb_no_tls() -> Iterator[MariaDB]:
 
 @pytest.fixture(scope="module")
 def setup(
-    pki: PKI, mysql_mariadb: MariaDB, mysql_mariadb_no_tls: MariaDB, tmp_path_factory: pytest.TempPathFactory
+    pki: PKI,
+    mysql_mariadb: MariaDB,
+    mysql_mariadb_no_tls: MariaDB,
+    tmp_path_factory: pytest.TempPathFactory,
+    data_plane: str,
 ) -> Iterator[Setup]:
     alice = pki.client_for("alice")
     address = f"localhost:{mysql_mariadb.port}"
@@ -165,6 +170,12 @@ def setup(
         },
         "maria-down": {"protocol": "mariadb", "address": f"localhost:{free_port()}", "tls": tls_block(pki)},
         "maria-notls": {"protocol": "mariadb", "address": f"127.0.0.1:{tap.port}", "tls": tls_block(pki)},
+        # tls.mode DISABLE: relayed as TCP after dbmtls read the greeting (no TLS to negotiate)
+        "maria-disable": {
+            "protocol": "mariadb",
+            "address": f"127.0.0.1:{mysql_mariadb_no_tls.port}",
+            "tls": {"mode": "DISABLE"},
+        },
         "maria-silent": {
             "protocol": "mariadb",
             "address": f"localhost:{silent.getsockname()[1]}",
@@ -174,9 +185,11 @@ def setup(
     }
     ports = {name: free_port() for name in databases}
     config = {
-        "databases": [{"name": name, "listen": f"127.0.0.1:{ports[name]}", **db} for name, db in databases.items()]
+        "databases": [{"name": name, "listen": f"127.0.0.1:{ports[name]}", **db} for name, db in databases.items()],
+        "dataPlane": data_plane,
     }
     proxy = Dbmtls(tmp_path_factory.mktemp("dbmtls-mysql"), config).start(wait_ports=tuple(ports.values()))
+    on_plane(proxy, data_plane)
     try:
         yield Setup(proxy, ports, mysql_mariadb, tap, silent)
     finally:
@@ -206,7 +219,11 @@ def mysql_fake8_sha256(pki: PKI) -> Iterator[FakeMySQL8]:
 
 @pytest.fixture(scope="module")
 def fake_ports(
-    pki: PKI, mysql_fake8: FakeMySQL8, mysql_fake8_sha256: FakeMySQL8, tmp_path_factory: pytest.TempPathFactory
+    pki: PKI,
+    mysql_fake8: FakeMySQL8,
+    mysql_fake8_sha256: FakeMySQL8,
+    tmp_path_factory: pytest.TempPathFactory,
+    data_plane: str,
 ) -> Iterator[dict[str, int]]:
     targets = {"mysql8": mysql_fake8.port, "mysql8-sha256": mysql_fake8_sha256.port}
     ports = {name: free_port() for name in targets}
@@ -220,9 +237,12 @@ def fake_ports(
                 "tls": tls_block(pki),
             }
             for name, port in targets.items()
-        ]
+        ],
+        "dataPlane": data_plane,
     }
-    proxy = Dbmtls(tmp_path_factory.mktemp("dbmtls-mysql8"), config).start(wait_ports=tuple(ports.values()))
+    proxy = on_plane(
+        Dbmtls(tmp_path_factory.mktemp("dbmtls-mysql8"), config).start(wait_ports=tuple(ports.values())), data_plane
+    )
     try:
         yield ports
     finally:
@@ -445,6 +465,15 @@ def test_server_without_tls_gets_no_handshake_response(setup: Setup) -> None:
     # dbmtls read the greeting and stopped: not one byte (no HandshakeResponse, no password
     # hash, no user name) went to the server in plaintext.
     assert bytes(setup.no_tls_tap.to_server) == b""
+
+
+def test_tls_mode_disable_relays_the_plaintext_conversation(setup: Setup) -> None:
+    assert pymysql_query(setup.ports["maria-disable"], "plainuser", "SELECT CONCAT('x', 1)", password="plain-pw") == [
+        ("x1",)
+    ]
+    out = cli(setup.ports["maria-disable"], "plainuser", "SELECT 2", password="plain-pw")
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr
+    setup.proxy.wait_line(r"connection closed db=maria-disable .*bytes_out=[1-9]")
 
 
 def test_server_that_never_greets(setup: Setup) -> None:

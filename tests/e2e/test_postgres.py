@@ -36,7 +36,7 @@ from support.certs import PKI
 from support.fake_pg import SSL_REQUEST, FakePG
 from support.net import free_port
 from support.pg_server import PostgresTLS
-from support.proc import Dbmtls, tls_block
+from support.proc import Dbmtls, on_plane, tls_block
 
 pytestmark = pytest.mark.e2e
 
@@ -106,6 +106,7 @@ def dbmtls(
     pg_plain: PostgresTLS,
     fakes: dict[str, FakePG],
     tmp_path_factory: pytest.TempPathFactory,
+    data_plane: str,
 ) -> Iterator[Setup]:
     users = {u: pki.client_for(u) for u in ("alice", "bob")}
     rogue = pki.client_for(USER, ca=pki.other_ca)  # right CN, CA the server does not trust
@@ -121,6 +122,7 @@ def dbmtls(
             },
         },
         "plainserver": {"address": f"localhost:{pg_plain.port}", "tls": tls_block(pki)},
+        "pg-disable": {"address": f"localhost:{pg_plain.port}", "tls": {"mode": "DISABLE"}},
         "wrongca": {"address": f"localhost:{pg.port}", "tls": tls_block(pki, ca=str(pki.other_ca / "ca.crt"))},
         "wrongname": {"address": f"localhost:{pg.port}", "tls": tls_block(pki, sni="db.example.com")},
         "rejected": {"address": f"localhost:{pg.port}", "tls": tls_block(pki, client=rogue)},
@@ -134,9 +136,11 @@ def dbmtls(
         "databases": [
             {"name": name, "protocol": "postgres", "listen": f"127.0.0.1:{ports[name]}", **spec}
             for name, spec in specs.items()
-        ]
+        ],
+        "dataPlane": data_plane,
     }
     proxy = Dbmtls(tmp_path_factory.mktemp("dbmtls-pg"), config).start(wait_ports=tuple(ports.values()))
+    on_plane(proxy, data_plane)
     try:
         yield Setup(proxy, ports)
     finally:
@@ -445,6 +449,16 @@ def test_server_without_tls_fails_closed(dbmtls: Setup, pg_plain: PostgresTLS) -
     log = pg_plain.log_since(offset)
     assert "connection authorized" not in log
     assert USER not in log
+
+
+def test_tls_mode_disable_talks_plain_pgwire_to_the_server(dbmtls: Setup) -> None:
+    out = psql(
+        dbmtls.conninfo("pg-disable", dbname="postgres"),
+        "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{USER}|f"  # no SSLRequest, no TLS: what the configuration asked for
+    dbmtls.proxy.wait_line(rf"connection closed db=pg-disable .*user={USER} bytes_in=")
 
 
 def test_wrong_ca(dbmtls: Setup) -> None:

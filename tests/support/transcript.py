@@ -228,7 +228,9 @@ class ScriptedDialer(Dialer):
 class Harness:
     def __init__(self, config: Config) -> None:
         self.dialer = ScriptedDialer()
-        self.proxy = Proxy(config, dialer=self.dialer)
+        # The scripted dialer and the fake transports are the Python plane's seams; the native
+        # plane takes real sockets (its sessions run against real processes: the data_plane fixture).
+        self.proxy = Proxy(config.model_copy(update={"dataPlane": "python"}), dialer=self.dialer)
         for rt in self.proxy.runtimes.values():
             rt.tls.load()
         self.conns: list[Conn] = []

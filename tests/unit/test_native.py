@@ -612,14 +612,17 @@ def test_check_says_which_database_runs_on_which_plane(
         "databases": [
             {"name": "cache", "protocol": "redis", "listen": "127.0.0.1:1", "address": "localhost:2", "tls": tls},
             {"name": "pg", "protocol": "postgres", "listen": "127.0.0.1:3", "address": "localhost:4", "tls": tls},
+            {"name": "maria", "protocol": "mariadb", "listen": "127.0.0.1:5", "address": "localhost:6", "tls": tls},
         ],
     }
     path = tmp_path / "dbmtls.yaml"
     path.write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
     assert result.exit_code == 0, result.output
-    assert f"# data plane: native ({native.OPENSSL_VERSION}) for cache\n" in result.stdout
-    assert "#   python for pg: their protocols are relayed by python for now\n" in result.stdout
+    # every protocol's session runs on the native plane (PostgreSQL and MySQL since their
+    # steps over TLS before the relay went native too)
+    assert f"# data plane: native ({native.OPENSSL_VERSION}) for cache, pg, maria\n" in result.stdout
+    assert "python for" not in result.stdout
 
     # without the extension: a warning per database (run falls back), not an error
     import dbmtls.native
@@ -629,3 +632,237 @@ def test_check_says_which_database_runs_on_which_plane(
     assert result.exit_code == 0, result.output
     assert "# data plane: python (native asked for, not available:" in result.stdout
     assert "warning: cache: dataPlane native is not available, dbmtls run uses python:" in result.stderr
+
+    # the default (auto) on such a build: python, said once, nothing to warn about
+    del config["dataPlane"]
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "# data plane: python (native not available: the extension dbmtls._native" in result.stdout
+    assert "dataPlane native is not available" not in result.stderr
+
+    # and with the extension, auto is native
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["check", "--no-bind-check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"# data plane: native ({native.OPENSSL_VERSION}) for cache, pg, maria\n" in result.stdout
+
+
+# --- in-band: reading and writing over TLS before the relay (PostgreSQL, MySQL) -------------------
+
+
+def in_band(pki: PKI, port: int, script: Callable[[Any], Any], **tls: Any) -> Any:
+    """Run ``script(up)`` on the event loop with a handshaken ``NativeUpstream`` to ``port``."""
+    from dbmtls.native.plane import NativePlane, NativeUpstream
+
+    ctx, _ = contexts(database(pki, **tls))
+
+    async def main() -> Any:
+        plane = NativePlane(native)
+        plane.start()
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            up = NativeUpstream(plane, sock.detach(), ctx, "localhost")
+            result = await asyncio.wait_for(up._handshake, 15)
+            assert result.ok, result.err
+            try:
+                return await asyncio.wait_for(script(up), 15)
+            finally:
+                up.abort()
+        finally:
+            plane.close()
+
+    return uvloop.run(main())
+
+
+def test_in_band_write_receive_and_a_clean_end(pki: PKI) -> None:
+    def server_side(conn: Any) -> None:
+        assert recv_exact(conn, 5) == b"hello"
+        conn.sendall(b"greeting")
+        assert recv_exact(conn, 4) == b"more"
+        conn.sendall(b"bye")
+        conn.close()
+
+    async def script(up: Any) -> list[bytes]:
+        up.write(b"hel")
+        up.write(b"lo")  # in order, as one stream
+        got = [await up.receive()]
+        up.write(b"more")
+        data = b""
+        while data != b"bye":  # TLS records may come apart: whatever arrived, as Endpoint.receive
+            data += await up.receive()
+        got.append(data)
+        got += [await up.receive(), await up.receive()]  # b"" at EOF, and again
+        up.write(b"after the end")  # a no-op, as on a closing transport
+        return got
+
+    server = Server(server_ctx(pki), server_side)
+    try:
+        assert in_band(pki, server.port, script) == [b"greeting", b"bye", b"", b""]
+    finally:
+        server.close()
+    assert not server.errors
+
+
+def test_a_cancelled_receive_loses_nothing(pki: PKI) -> None:
+    go = threading.Event()
+
+    def server_side(conn: Any) -> None:
+        go.wait(15)
+        conn.sendall(b"one")
+        conn.sendall(b"two")
+        recv_exact(conn, 1)
+
+    async def script(up: Any) -> bytes:
+        pending = asyncio.ensure_future(up.receive())
+        await asyncio.sleep(0)  # it waits now
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        go.set()
+        data = b""
+        while len(data) < 6:
+            data += await up.receive()
+        assert up.buffered() == 0 and up.take() == b""
+        up.write(b"x")
+        return data
+
+    server = Server(server_ctx(pki), server_side)
+    try:
+        assert in_band(pki, server.port, script) == b"onetwo"
+    finally:
+        server.close()
+
+
+def test_a_full_hold_is_taken_and_reading_goes_on(pki: PKI) -> None:
+    blob = os.urandom(5 * native.BATCH + 123)  # more than the worker holds at once
+
+    def server_side(conn: Any) -> None:
+        conn.sendall(blob)
+        recv_exact(conn, 1)
+
+    async def script(up: Any) -> bytes:
+        data = b""
+        while len(data) < len(blob):
+            data += await up.receive()
+        up.write(b"x")
+        return data
+
+    server = Server(server_ctx(pki), server_side)
+    try:
+        assert in_band(pki, server.port, script) == blob
+    finally:
+        server.close()
+
+
+def test_a_rejected_certificate_on_the_first_read_is_python_s_error(pki: PKI) -> None:
+    # TLS 1.3: the server checks our certificate after our side of the handshake; the alert comes
+    # with the first read (PostgreSQL's first reply, MySQL's login)
+    sctx = server_ctx(pki, client_ca=str(pki.other_ca / "ca.crt"))
+    server = Server(sctx, echo)
+
+    async def script(up: Any) -> BaseException:
+        up.write(b"startup")
+        try:
+            while await up.receive():
+                pass
+        except (OSError, ssl.SSLError) as exc:
+            up.write(b"again")  # after the failure: ignored, as on a lost transport
+            return exc
+        raise AssertionError("the server closed cleanly")
+
+    try:
+        ctx, _ = contexts(database(pki))
+        want = classified(python_failure(ctx, server.port, "localhost"))
+        got = classified(in_band(pki, server.port, script))
+    finally:
+        server.close()
+    assert got == want
+    assert "rejected" in got[1].lower() or "certificate" in got[1].lower(), got
+
+
+def test_relay_after_in_band_sends_pending_and_held_bytes_first_and_watch_sees_them(pki: PKI, rig: Rig) -> None:
+    said = threading.Event()
+    more = threading.Event()
+    go = threading.Event()
+    from_app: list[bytes] = []
+
+    def server_side(conn: Any) -> None:
+        assert recv_exact(conn, 7) == b"startup"
+        conn.sendall(b"first")
+        said.wait(15)
+        conn.sendall(b"second")  # held by the worker, never taken by Python
+        more.wait(15)
+        conn.sendall(b"third")
+        from_app.append(recv_exact(conn, len(b"app-first")))
+        go.wait(15)  # nothing more from the server until the watch is over
+        echo(conn)
+
+    server = Server(server_ctx(pki), server_side)
+    try:
+        ctx, twin = contexts(database(pki))
+        conn = rig.connect(server.port, ctx, twin)
+        rig.wait(conn, "handshake")
+        conn.write(b"startup")
+        rig.wait(conn, "data")
+        first = b""
+        while len(first) < 5:
+            first += conn.take()
+        assert first == b"first"
+        said.set()
+        rig.wait(conn, "data")  # "second" is held (or part of it: the rest is read on)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            app = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        ours.setblocking(False)
+        conn.relay(ours.detach(), b"app-first", 0, 60_000, first, True)
+        app.settimeout(15)
+        assert recv_exact(app, len(b"firstsecond")) == b"firstsecond"
+        more.set()
+        assert recv_exact(app, 5) == b"third"
+        for event in native_events(rig):
+            rig.events.setdefault(event[0], []).append(event)
+        copies = b"".join(e[2] for e in rig.events[conn.id] if e[1] == "copy")
+        assert copies == b"secondthird"  # what Python did not see itself, in order
+        conn.unwatch()
+        go.set()
+        app.sendall(b"ping")
+        assert recv_exact(app, 4) == b"ping"
+        assert from_app == [b"app-first"]  # the app's pending bytes went to the server first
+        for event in native_events(rig):
+            rig.events.setdefault(event[0], []).append(event)
+        assert b"".join(e[2] for e in rig.events[conn.id] if e[1] == "copy") == copies  # no copy after unwatch
+        assert conn.bytes_from_upstream == len(b"firstsecondthirdping")  # counted as relay.py does
+        app.close()
+        rig.wait(conn, "closed")
+    finally:
+        server.close()
+
+
+def native_events(rig: Rig) -> list[tuple[Any, ...]]:
+    """Whatever is queued now (the worker posts a chunk's copy before it writes the chunk)."""
+    events: list[tuple[Any, ...]] = rig.engine.events()
+    return events
+
+
+def test_the_default_data_plane_is_native_when_the_extension_loads(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbmtls.native
+    from dbmtls.config.model import Config
+    from dbmtls.proxy.server import Proxy
+
+    tls = {"mode": "MUTUAL", "clientCertificate": pki.client.cert, "privateKey": pki.client.key}
+    dbs = [
+        {"name": n, "protocol": p, "listen": f"127.0.0.1:{i + 1}", "address": "localhost:9", "tls": tls}
+        for i, (n, p) in enumerate([("cache", "redis"), ("pg", "postgres"), ("maria", "mariadb"), ("raw", "tcp")])
+    ]
+    config = Config.model_validate({"databases": dbs})
+    assert config.dataPlane == "auto"
+    proxy = Proxy(config)
+    assert proxy.plane is not None
+    assert all(rt.native is proxy.plane for rt in proxy.runtimes.values())
+    assert Proxy(Config.model_validate({"databases": dbs, "dataPlane": "python"})).plane is None
+
+    monkeypatch.setattr(dbmtls.native, "_loaded", (None, "the extension dbmtls._native is not available (test)"))
+    fallback = Proxy(config)
+    assert fallback.plane is None and "not available (test)" in str(fallback.plane_problem)

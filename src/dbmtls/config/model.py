@@ -346,9 +346,11 @@ class Config(_Model):
     drainTimeout: Duration = 30.0  # noqa: N815
     # Who moves the bytes of an established connection (docs/native.md).  python: uvloop's
     # transports and ssl.SSLObject.  native: the C extension dbmtls._native runs the server-side
-    # TLS handshake and the relay in native threads, for the TLS-first protocols (redis, mongodb,
-    # tcp; the others stay on python); without the extension it falls back to python, with a log line.
-    dataPlane: Literal["python", "native"] = "python"  # noqa: N815
+    # native: the TLS handshake, the login's TLS reads and writes, and the relay in native threads,
+    # for every protocol (docs/native.md).  auto (the default): native when the extension was built,
+    # else python, with a log line; python: the asyncio relay.  Asked for explicitly, native that
+    # cannot be had also falls back to python, with a warning.
+    dataPlane: Literal["auto", "native", "python"] = "auto"  # noqa: N815
     # At most this many app connections at once in the whole process.  None: as many as the
     # file descriptor limit allows (two descriptors each, some kept for the admin server).
     maxConnections: PositiveInt | None = None  # noqa: N815

@@ -249,6 +249,9 @@ enum { ST_HANDSHAKE, ST_READY, ST_RELAY, ST_EARLY, ST_LOST, ST_DONE };
 enum { SIDE_NONE = 0, SIDE_APP = 1, SIDE_UP = 2 };
 enum { EV_HANDSHAKE = 1, EV_EARLY = 2, EV_CLOSED = 3, EV_LOST = 4 };
 enum { CMD_START = 1, CMD_RELAY, CMD_FAIL_APP, CMD_CLOSE, CMD_ABORT };
+/* in-band, before the relay (PostgreSQL, MySQL): see "In-band" below */
+enum { EV_DATA = 5, EV_COPY = 6 };
+enum { CMD_WRITE = 16, CMD_WAKE };
 
 typedef struct {
     char *data;
@@ -304,6 +307,11 @@ struct conn {
     int new_app_fd;
     pend_t new_pending;
     pend_t fail_message;
+    /* in-band (the steps over TLS before the relay; see "In-band" below) */
+    pthread_mutex_t io_lock; /* guards the held bytes (app.out while READY or LOST) and wbuf */
+    pend_t wbuf;             /* Python's writes toward the server, moved to up.out by CMD_WRITE */
+    pend_t new_up_pending;   /* Conn.relay: server bytes Python read, for the app first */
+    atomic_int watching;     /* relay: post a copy of each server chunk (EV_COPY) until unwatch() */
 };
 
 typedef struct cmd {
@@ -395,6 +403,9 @@ static void conn_decref(conn_t *c) {
     pend_free(&c->up.out);
     pend_free(&c->new_pending);
     pend_free(&c->fail_message);
+    pend_free(&c->wbuf);
+    pend_free(&c->new_up_pending);
+    pthread_mutex_destroy(&c->io_lock);
     free(c->server_name);
     free(c);
 }
@@ -658,6 +669,7 @@ static int conn_setup_tls(conn_t *c) {
 
 static void up_failed(conn_t *c, errinfo_t *err);
 static void app_failed(conn_t *c, int err);
+static void post_copy(conn_t *c, const char *data, size_t n); /* In-band, below */
 
 /* A write toward a server that has just hung up fails with EPIPE or ECONNRESET, while the reason
  * it hung up (a TLS alert: our certificate was rejected) may already sit in our receive buffer.
@@ -993,6 +1005,7 @@ static int pump(conn_t *c) {
                 atomic_store_explicit(&c->from_up, atomic_load_explicit(&c->from_up, memory_order_relaxed) + n,
                                       memory_order_relaxed);
                 c->last_io = w->now;
+                if (atomic_load_explicit(&c->watching, memory_order_relaxed)) post_copy(c, w->scratch, n);
                 ssize_t took = c->app.writable ? app_write(c, w->scratch, n) : 0;
                 if (took < 0) return 0;
                 if ((size_t)took < n && pend_append(&c->app.out, w->scratch + took, n - (size_t)took) < 0) {
@@ -1018,9 +1031,14 @@ static int pump(conn_t *c) {
  * it: what it says is held for the app (one batch at most), and if it goes away that is reported
  * at once (EV_LOST), so the session can tell the app in its protocol while it still holds the
  * app's socket (sessions/common.py _settle).  TLS 1.3 session tickets are consumed here too. */
+static void post_data(conn_t *c);
+static void ready_lost(conn_t *c, const errinfo_t *err, int eof);
+
 static void ready_read(conn_t *c) {
     worker_t *w = c->w;
+    pthread_mutex_lock(&c->io_lock); /* Python may be taking held bytes (Conn.take) */
     size_t held = pend_size(&c->app.out);
+    pthread_mutex_unlock(&c->io_lock);
     /* hold at most a batch (then stop reading: the relay picks up from there), but keep reading
      * while less is held, so a close right after a banner is seen */
     if (held >= BATCH || !can_read_up(c)) return;
@@ -1058,20 +1076,128 @@ static void ready_read(conn_t *c) {
     if (n) {
         atomic_store_explicit(&c->from_up, atomic_load_explicit(&c->from_up, memory_order_relaxed) + n,
                               memory_order_relaxed);
-        if (pend_append(&c->app.out, w->scratch, n) < 0) { ended = 2; err.kind = E_OS; err.code = ENOMEM; }
+        pthread_mutex_lock(&c->io_lock);
+        int rc = pend_append(&c->app.out, w->scratch, n);
+        pthread_mutex_unlock(&c->io_lock);
+        if (rc < 0) { ended = 2; err.kind = E_OS; err.code = ENOMEM; }
+        else post_data(c);
     }
     if (!ended) return;
-    if (ended == 2) c->tls_dead = 1;
-    c->err = err;
-    if (ended == 1) c->err.kind = pend_size(&c->app.out) ? E_EOF : E_SILENT;
+    ready_lost(c, &err, ended == 1);
+}
+
+/* The server went away (or failed) while READY: report it, keep what it said for Python. */
+static void ready_lost(conn_t *c, const errinfo_t *err, int eof) {
+    worker_t *w = c->w;
+    if (!eof) c->tls_dead = 1;
+    c->err = *err;
+    pthread_mutex_lock(&c->io_lock);
+    size_t held = pend_size(&c->app.out);
+    pthread_mutex_unlock(&c->io_lock);
+    if (eof) c->err.kind = held ? E_EOF : E_SILENT;
     side_close(c, &c->up, 0);
     c->state = ST_LOST;
     event_t *ev = new_event(c, EV_LOST);
     if (ev) {
         ev->err = c->err;
-        ev->held = pend_size(&c->app.out);
+        ev->held = held;
         post(w->e, ev);
     }
+}
+
+/* --- In-band -----------------------------------------------------------------------------------
+ * PostgreSQL and MySQL talk over TLS before the relay (the StartupMessage and first reply, the
+ * MySQL login), driven by Python through an Endpoint-like interface (NativeUpstream in plane.py):
+ *   - Conn.write: the bytes go to wbuf; CMD_WRITE moves them to up.out, written here while READY
+ *     (a failure is a loss, reported as EV_LOST with the error, as ready_read reports one);
+ *   - what the server says is held in app.out as before; each new chunk posts EV_DATA (no payload),
+ *     and Python takes the bytes with Conn.take, under io_lock.  A full hold (one batch) stops
+ *     reading until Python takes it (CMD_WAKE);
+ *   - Conn.relay(..., upstream_pending, watch): the server bytes Python read go to the app first;
+ *     with `watch` each server chunk relayed is also posted (EV_COPY) until Conn.unwatch().
+ */
+static void post_data(conn_t *c) {
+    event_t *ev = new_event(c, EV_DATA);
+    if (ev) post(c->w->e, ev);
+}
+
+/* a copy of a server chunk the relay passes to the app, for a watcher in Python (EV_COPY) */
+static void post_copy(conn_t *c, const char *data, size_t n) {
+    if (!n) return;
+    event_t *ev = new_event(c, EV_COPY);
+    if (!ev) return;
+    ev->der = malloc(n);
+    if (!ev->der) {
+        free(ev);
+        return;
+    }
+    memcpy(ev->der, data, n);
+    ev->derlen = (int)n;
+    post(c->w->e, ev);
+}
+
+/* Write Python's pending in-band bytes (up.out) while READY. */
+static void ready_flush(conn_t *c) {
+    while (pend_size(&c->up.out) && can_write_up(c)) {
+        const char *buf = c->up.out.data + c->up.out.off;
+        size_t len = pend_size(&c->up.out);
+        errinfo_t err = {0};
+        ssize_t took;
+        errno = 0;
+        if (!c->ssl) {
+            took = send(c->up.fd, buf, len, MSG_NOSIGNAL);
+            if (took < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    c->up.writable = 0;
+                    return;
+                }
+                err.kind = E_OS;
+                err.code = errno;
+                pend_free(&c->up.out);
+                ready_lost(c, &err, 0);
+                return;
+            }
+        } else {
+            int r = SSL_write(c->ssl, buf, (int)(len > INT32_MAX ? INT32_MAX : len));
+            if (r <= 0) {
+                int saved = errno;
+                int e = SSL_get_error(c->ssl, r);
+                if (e == SSL_ERROR_WANT_WRITE) {
+                    c->up.writable = 0;
+                    return;
+                }
+                if (e == SSL_ERROR_WANT_READ) {
+                    c->write_wants_read = 1;
+                    return;
+                }
+                capture_ssl_error(c, r, e, saved, &err);
+                prefer_alert(c, &err);
+                pend_free(&c->up.out);
+                ready_lost(c, &err, err.kind == E_EOF);
+                return;
+            }
+            c->write_wants_read = 0;
+            took = r;
+        }
+        c->up.out.off += (size_t)took;
+        if (!pend_size(&c->up.out)) pend_free(&c->up.out);
+    }
+}
+
+static void cmd_write(worker_t *w, conn_t *c) {
+    (void)w;
+    pthread_mutex_lock(&c->io_lock);
+    pend_t data = c->wbuf;
+    memset(&c->wbuf, 0, sizeof c->wbuf);
+    pthread_mutex_unlock(&c->io_lock);
+    if ((c->state != ST_HANDSHAKE && c->state != ST_READY) ||
+        pend_append(&c->up.out, data.data ? data.data + data.off : "", pend_size(&data)) < 0) {
+        pend_free(&data); /* the server is gone (EV_LOST said so) or the relay owns up.out now */
+        return;
+    }
+    pend_free(&data);
+    if (c->state == ST_READY) run_later(c);
 }
 
 static void conn_run(conn_t *c) {
@@ -1080,7 +1206,9 @@ static void conn_run(conn_t *c) {
         do_handshake(c);
         break;
     case ST_READY:
-        ready_read(c);
+        ready_flush(c); /* Python's in-band writes */
+        if (c->state == ST_READY) ready_read(c);
+        if (c->state == ST_READY && pend_size(&c->up.out)) ready_flush(c);
         break;
     case ST_RELAY:
         if (pump(c)) run_later(c);
@@ -1160,21 +1288,52 @@ static void cmd_start(worker_t *w, conn_t *c) {
     run_later(c);
 }
 
+/* cmd_relay's in-band part: the app's pending bytes go after Python's unwritten in-band writes;
+ * the server bytes Python read (new_up_pending) go to the app before those still held, and the
+ * held ones are shown to a watcher (Python saw the rest itself).  Counted as relay.py counts. */
+static int relay_take_pending(conn_t *c) {
+    if (!pend_size(&c->up.out)) {
+        pend_free(&c->up.out);
+        c->up.out = c->new_pending;
+        memset(&c->new_pending, 0, sizeof c->new_pending);
+    } else {
+        int rc = pend_append(&c->up.out, c->new_pending.data ? c->new_pending.data + c->new_pending.off : "",
+                             pend_size(&c->new_pending));
+        pend_free(&c->new_pending);
+        if (rc < 0) return -1;
+    }
+    pthread_mutex_lock(&c->io_lock);
+    pend_t held = c->app.out;
+    c->app.out = c->new_up_pending;
+    memset(&c->new_up_pending, 0, sizeof c->new_up_pending);
+    pthread_mutex_unlock(&c->io_lock);
+    if (atomic_load(&c->watching)) post_copy(c, held.data ? held.data + held.off : "", pend_size(&held));
+    int rc = pend_append(&c->app.out, held.data ? held.data + held.off : "", pend_size(&held));
+    pend_free(&held);
+    atomic_store_explicit(&c->from_up, (uint64_t)pend_size(&c->app.out), memory_order_relaxed);
+    return rc;
+}
+
 static void cmd_relay(worker_t *w, conn_t *c) {
     int fd = c->new_app_fd;
     c->new_app_fd = -1;
     if (c->state != ST_READY && c->state != ST_LOST) { /* aborted meanwhile: the app side goes too */
         if (fd >= 0) close(fd);
         pend_free(&c->new_pending);
+        pend_free(&c->new_up_pending);
         return;
     }
     int lost = c->state == ST_LOST; /* lost just before Python's relay call crossed our event */
     c->app.fd = fd;
     c->app.closed = 0;
     c->app.readable = c->app.writable = 1;
-    c->up.out = c->new_pending; /* what the handshake phase read from the app goes first */
-    memset(&c->new_pending, 0, sizeof c->new_pending);
-    atomic_store_explicit(&c->from_app, (uint64_t)pend_size(&c->up.out), memory_order_relaxed); /* counted, as in relay.py */
+    /* what the handshake phase read from the app goes first (after in-band writes not yet out) */
+    size_t app_pending = pend_size(&c->new_pending);
+    if (relay_take_pending(c) < 0) {
+        app_failed(c, ENOMEM);
+        return;
+    }
+    atomic_store_explicit(&c->from_app, (uint64_t)app_pending, memory_order_relaxed); /* counted, as in relay.py */
     c->last_io = w->now;
     if (c->reply_deadline) c->reply_deadline += w->now;
     c->state = ST_RELAY;
@@ -1223,6 +1382,7 @@ static void cmd_close(worker_t *w, conn_t *c) {
         conn_finish(c);
         return;
     }
+    if (c->state == ST_READY && pend_size(&c->up.out)) ready_flush(c); /* in-band writes, as far as they go now */
     if (c->state == ST_READY || c->state == ST_EARLY || c->state == ST_LOST) {
         conn_finish(c); /* graceful: close_notify toward the server */
         return;
@@ -1258,6 +1418,8 @@ static void take_commands(worker_t *w) {
             case CMD_FAIL_APP: cmd_fail_app(w, c); break;
             case CMD_CLOSE: cmd_close(w, c); break;
             case CMD_ABORT: cmd_abort(w, c); break;
+            case CMD_WRITE: cmd_write(w, c); break;
+            case CMD_WAKE: if (c->state == ST_READY) run_later(c); break;
             }
         }
         if (c) conn_decref(c); /* each command holds a reference until it has run */
@@ -1474,6 +1636,8 @@ static PyObject *errinfo_tuple(const errinfo_t *err) {
  *   (id, "handshake", ok, version, cipher, peer_der | None, error)
  *   (id, "early", error)
  *   (id, "lost", error, held)   the server went away before the relay; `held` bytes it sent wait
+ *   (id, "data")                 before the relay: more server bytes are held (Conn.take)
+ *   (id, "copy", bytes)          a server chunk the relay passed on, while watched (Conn.relay)
  *   (id, "closed", failed_side, error, idled, bytes_from_app, bytes_from_upstream)
  * where error is (kind, code, lib, reason, text). */
 static PyObject *Engine_events(EngineObject *self, PyObject *unused) {
@@ -1500,6 +1664,13 @@ static PyObject *Engine_events(EngineObject *self, PyObject *unused) {
                                      PyBool_FromLong(ev->ok), ev->version, ev->cipher, der, err);
             } else if (ev->kind == EV_EARLY) {
                 item = Py_BuildValue("(KsN)", (unsigned long long)ev->id, "early", err);
+            } else if (ev->kind == EV_DATA) {
+                item = Py_BuildValue("(Ks)", (unsigned long long)ev->id, "data");
+                Py_DECREF(err);
+            } else if (ev->kind == EV_COPY) {
+                item = Py_BuildValue("(Ksy#)", (unsigned long long)ev->id, "copy", (const char *)ev->der,
+                                     (Py_ssize_t)ev->derlen);
+                Py_DECREF(err);
             } else if (ev->kind == EV_LOST) {
                 item = Py_BuildValue("(KsNn)", (unsigned long long)ev->id, "lost", err, (Py_ssize_t)ev->held);
             } else {
@@ -1571,6 +1742,8 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args, PyObject *kw
     atomic_init(&c->refs, 2); /* Python's Conn and the worker */
     atomic_init(&c->from_app, 0);
     atomic_init(&c->from_up, 0);
+    atomic_init(&c->watching, 0);
+    pthread_mutex_init(&c->io_lock, NULL);
     c->id = ++e->next_id;
     c->w = &e->workers[e->next_worker];
     e->next_worker = (e->next_worker + 1) % e->nworkers;
@@ -1651,11 +1824,21 @@ static PyObject *Conn_get_from_up(ConnObject *self, void *unused) {
  * handshaken server connection; `pending` (what the handshake phase read from the app) goes to
  * the server first.  Takes `app_fd`. */
 static PyObject *Conn_relay(ConnObject *self, PyObject *args) {
-    int fd;
-    Py_buffer pending;
+    int fd, watch = 0;
+    Py_buffer pending, up_pending = {0};
     long long reply_ms, idle_ms;
-    if (!PyArg_ParseTuple(args, "iy*LL", &fd, &pending, &reply_ms, &idle_ms)) return NULL;
+    if (!PyArg_ParseTuple(args, "iy*LL|y*p", &fd, &pending, &reply_ms, &idle_ms, &up_pending, &watch)) return NULL;
     conn_t *c = self->c;
+    /* in-band: server bytes Python read go to the app first; `watch`: copies of the server's chunks */
+    int up_rc = !c->relay_called && up_pending.buf && up_pending.len
+                    ? pend_append(&c->new_up_pending, up_pending.buf, (size_t)up_pending.len)
+                    : 0;
+    if (up_pending.buf) PyBuffer_Release(&up_pending);
+    if (up_rc < 0) {
+        PyBuffer_Release(&pending);
+        close(fd);
+        return PyErr_NoMemory();
+    }
     if (c->relay_called) {
         PyBuffer_Release(&pending);
         PyErr_SetString(PyExc_RuntimeError, "relay already started");
@@ -1669,6 +1852,7 @@ static PyObject *Conn_relay(ConnObject *self, PyObject *args) {
     }
     PyBuffer_Release(&pending);
     c->new_app_fd = fd;
+    atomic_store(&c->watching, watch);
     c->reply_deadline = reply_ms > 0 ? reply_ms : 0; /* made absolute by the worker */
     c->idle_ms = idle_ms;
     if (conn_command(self, CMD_RELAY) < 0) {
@@ -1692,13 +1876,60 @@ static PyObject *Conn_fail_app(ConnObject *self, PyObject *args) {
 
 /* Conn.take_held(): after a "lost" event, the bytes the server sent before it went (the worker
  * does not touch them any more once it has reported the loss). */
-static PyObject *Conn_take_held(ConnObject *self, PyObject *unused) {
+static PyObject *Conn_take(ConnObject *self, PyObject *unused);
+static PyObject *Conn_take_held(ConnObject *self, PyObject *unused) { return Conn_take(self, unused); }
+
+/* --- In-band, Python's side (see "In-band" above) --- */
+
+/* Conn.write(data): toward the server (SSL_write by the worker) before the relay. */
+static PyObject *Conn_write(ConnObject *self, PyObject *args) {
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    conn_t *c = self->c;
+    if (c->relay_called) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "the relay owns the connection");
+        return NULL;
+    }
+    pthread_mutex_lock(&c->io_lock);
+    int rc = pend_append(&c->wbuf, data.buf, (size_t)data.len);
+    pthread_mutex_unlock(&c->io_lock);
+    PyBuffer_Release(&data);
+    if (rc < 0) return PyErr_NoMemory();
+    if (conn_command(self, CMD_WRITE) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Conn.take(): the server bytes held now (possibly b""), before the relay or after "lost". */
+static PyObject *Conn_take(ConnObject *self, PyObject *unused) {
     (void)unused;
     conn_t *c = self->c;
-    PyObject *out = PyBytes_FromStringAndSize(c->app.out.data ? c->app.out.data + c->app.out.off : "",
-                                              (Py_ssize_t)pend_size(&c->app.out));
+    if (c->relay_called) return PyBytes_FromStringAndSize("", 0);
+    pthread_mutex_lock(&c->io_lock);
+    size_t n = pend_size(&c->app.out);
+    PyObject *out = PyBytes_FromStringAndSize(c->app.out.data ? c->app.out.data + c->app.out.off : "", (Py_ssize_t)n);
     if (out) pend_free(&c->app.out);
+    pthread_mutex_unlock(&c->io_lock);
+    /* a full hold stopped the worker reading: it may go on (a no-op once the server is gone) */
+    if (out && n >= BATCH && conn_command(self, CMD_WAKE) < 0) PyErr_Clear();
     return out;
+}
+
+static PyObject *Conn_get_held(ConnObject *self, void *unused) {
+    (void)unused;
+    conn_t *c = self->c;
+    if (c->relay_called) return PyLong_FromLong(0);
+    pthread_mutex_lock(&c->io_lock);
+    size_t n = pend_size(&c->app.out);
+    pthread_mutex_unlock(&c->io_lock);
+    return PyLong_FromSize_t(n);
+}
+
+/* Conn.unwatch(): no more copies of the server's chunks (copies already posted still arrive). */
+static PyObject *Conn_unwatch(ConnObject *self, PyObject *unused) {
+    (void)unused;
+    atomic_store(&self->c->watching, 0);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Conn_close(ConnObject *self, PyObject *unused) {
@@ -1717,6 +1948,7 @@ static PyGetSetDef Conn_getset[] = {
     {"id", (getter)Conn_get_id, NULL, "The connection's id in events.", NULL},
     {"bytes_from_app", (getter)Conn_get_from_app, NULL, "Plaintext bytes read from the app.", NULL},
     {"bytes_from_upstream", (getter)Conn_get_from_up, NULL, "Plaintext bytes read from the server.", NULL},
+    {"held", (getter)Conn_get_held, NULL, "Server bytes held before the relay (Conn.take).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1724,6 +1956,9 @@ static PyMethodDef Conn_methods[] = {
     {"relay", (PyCFunction)Conn_relay, METH_VARARGS, "Start relaying (takes the app's descriptor)."},
     {"fail_app", (PyCFunction)Conn_fail_app, METH_VARARGS, "Tell the app, then close it (after 'early')."},
     {"take_held", (PyCFunction)Conn_take_held, METH_NOARGS, "After 'lost': what the server sent before."},
+    {"write", (PyCFunction)Conn_write, METH_VARARGS, "Before the relay: bytes toward the server."},
+    {"take", (PyCFunction)Conn_take, METH_NOARGS, "Before the relay: the server bytes held now."},
+    {"unwatch", (PyCFunction)Conn_unwatch, METH_NOARGS, "Stop the copies of the server's chunks."},
     {"close", (PyCFunction)Conn_close, METH_NOARGS, "Close gracefully (flushing what is pending)."},
     {"abort", (PyCFunction)Conn_abort, METH_NOARGS, "Close both sides now."},
     {NULL, NULL, 0, NULL},

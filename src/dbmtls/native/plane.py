@@ -150,6 +150,10 @@ class NativePlane:
                 link._early(event[2])
             elif kind == "lost":
                 link._lost(event[2])
+            elif kind == "data":
+                link._wake()
+            elif kind == "copy":
+                link._copy(event[2])
             else:
                 del self._links[event[0]]
                 _, _, failed_side, err, idled, _from_app, _from_up = event
@@ -215,10 +219,12 @@ class NativePlane:
 class NativeUpstream:
     """A server connection held by a native worker: handshaken, waiting for ``relay``.
 
-    Stands where an ``Endpoint`` stands for the sessions (``close``, ``abort``, ``closed``).
-    Until the relay starts the worker reads the server as the Endpoint would: what it says is
-    held for the app, and if it goes away ``lost`` is set at once (with ``error``, None for a
-    clean close), so ``run_relay`` settles the connection while the app is still Python's.
+    Stands where an ``Endpoint`` stands for the sessions (``close``, ``abort``, ``closed``, and
+    ``write``, ``receive``, ``take``, ``buffered`` for the steps over TLS before the relay:
+    PostgreSQL's StartupMessage and first reply, the MySQL login).  Until the relay starts the
+    worker reads the server as the Endpoint would: what it says is held (for ``receive``, or for
+    the app), and if it goes away ``lost`` is set at once (with ``error``, None for a clean close),
+    so ``run_relay`` settles the connection while the app is still Python's.
     """
 
     # one per connection for its whole life: no instance dict (docs/memory.md)
@@ -233,6 +239,7 @@ class NativeUpstream:
         self.lost = False
         self.error: BaseException | None = None
         self._server_name = server_name
+        self._waiter: asyncio.Future[None] | None = None
         twin = twin_of(ctx) if ctx is not None else None
         self.handle = plane.engine.connect(
             fd,
@@ -264,6 +271,48 @@ class NativeUpstream:
         held: bytes = self.handle.take_held()
         return held
 
+    def write(self, data: bytes) -> None:
+        """Toward the server, before the relay (the worker writes it; a failure is reported as a
+        loss, and ``receive`` raises it, as a transport's ``connection_lost`` does)."""
+        if data and not self.closed and not self.lost:
+            self.handle.write(data)
+
+    def take(self) -> bytes:
+        """The server bytes held now, without waiting (possibly b"")."""
+        data: bytes = self.handle.take()
+        return data
+
+    def buffered(self) -> int:
+        n: int = self.handle.held
+        return n
+
+    async def receive(self) -> bytes:
+        """Bytes the server sent (at least one), or b"" once it is gone; raises what it failed
+        with, as ``Endpoint.receive``.  Cancel-safe: bytes are taken only by a task that returns
+        them, so a cancelled receive leaves them held for the next one."""
+        while True:
+            data = self.take()
+            if data:
+                return data
+            if self.lost or self.closed:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    @property
+    def eof_seen(self) -> bool:
+        return self.lost or self.closed
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     # the relay
 
     def relay(
@@ -274,8 +323,15 @@ class NativeUpstream:
         early_upstream_error: Callable[[BaseException], bytes | None] | None,
         expect_reply_within: float | None,
         idle_timeout: float | None,
+        upstream_pending: bytes = b"",
+        watch_upstream: Callable[[bytes], bool] | None = None,
     ) -> NativeRelay:
-        """Hand the app's socket over too and relay (``dbmtls.proxy.relay.Relay``'s semantics)."""
+        """Hand the app's socket over too and relay (``dbmtls.proxy.relay.Relay``'s semantics).
+
+        ``upstream_pending`` (server bytes read before) goes to the app first; ``watch_upstream``
+        sees them, then each server chunk the worker relays, until it returns True (as
+        ``Relay.watch_upstream``; the worker posts a copy of each chunk only while watched).
+        """
         app_t, app_buf = conn.app.detach()
         if app_t.get_write_buffer_size():
             # The TLS-first sessions write nothing to the app before the relay; one that does
@@ -283,6 +339,8 @@ class NativeUpstream:
             raise RuntimeError("the app's transport still has bytes to send")
         relay = NativeRelay(self, conn.rt.db.server_name, early_upstream_error)
         self._relay = relay
+        if watch_upstream is not None and not watch_upstream(upstream_pending):
+            relay._watch = watch_upstream
         fd = _take_socket(conn.app)
         self.closed = True  # from now on the relay owns it (NativeRelay.abort)
         self.handle.relay(
@@ -290,6 +348,8 @@ class NativeUpstream:
             app_pending + app_buf,
             round(expect_reply_within * 1000) if expect_reply_within is not None else 0,
             round(idle_timeout * 1000) if idle_timeout is not None else 0,
+            upstream_pending,
+            relay._watch is not None,
         )
         return relay
 
@@ -305,16 +365,22 @@ class NativeUpstream:
         if self._relay is not None:
             self._relay._early(err)
 
+    def _copy(self, data: bytes) -> None:
+        if self._relay is not None:
+            self._relay._copy(data)
+
     def _lost(self, err: tuple[int, int, str, str, str]) -> None:
         if self._relay is not None:
             return  # the relay started meanwhile: the worker reports it through the relay
         self.lost = True
         self.error = None if err[0] in (_E_EOF, _E_SILENT) else _exception(err, self._server_name)
+        self._wake()
 
     def _closed(self, failed_side: int, err: tuple[int, int, str, str, str], idled: bool) -> None:
         self.closed = True
         if not self._handshake.done():
             self._handshake.set_result(_Handshake(False, "", "", None, (_E_EOF, 0, "", "", "")))
+        self._wake()
         if self._relay is not None:
             self._relay._closed(failed_side, err, idled)
 
@@ -337,6 +403,7 @@ class NativeRelay:
         self._up = up
         self._server_name = server_name
         self._early_hook = early_upstream_error
+        self._watch: Callable[[bytes], bool] | None = None
 
     @property
     def bytes_from_app(self) -> int:
@@ -358,7 +425,14 @@ class NativeRelay:
         message = self._early_hook(exc) if self._early_hook is not None else None
         self._up.handle.fail_app(message or b"")
 
+    def _copy(self, data: bytes) -> None:
+        """A copy of a server chunk the worker relayed, while watched."""
+        if self._watch is not None and self._watch(data):
+            self._watch = None
+            self._up.handle.unwatch()  # copies already posted are ignored
+
     def _closed(self, failed_side: int, err: tuple[int, int, str, str, str], idled: bool) -> None:
+        self._watch = None
         if self.error is None and failed_side:
             self.error = _exception(err, self._server_name)
             self.failed_side = Side.APP if failed_side == 1 else Side.UPSTREAM

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import socket
 import stat
@@ -51,8 +52,8 @@ def load_session(spec: ProtocolSpec, rt: DatabaseRuntime) -> Session:
 
 
 def runs_native(spec: ProtocolSpec) -> bool:
-    """Whether ``dataPlane: native`` applies to the protocol (its session dials and relays
-    through ``sessions.common``; docs/native.md)."""
+    """Whether ``dataPlane: native`` applies to the protocol (its session dials or upgrades, and
+    relays, through ``sessions.common``; every built-in protocol does; docs/native.md)."""
     return bool(getattr(session_class(spec), "native_capable", False))
 
 
@@ -88,7 +89,7 @@ class Proxy:
         self.sessions = {name: load_session(rt.spec, rt) for name, rt in self.runtimes.items()}
         self.plane: NativePlane | None = None
         self.plane_problem: str | None = None
-        if config.dataPlane == "native":
+        if config.dataPlane != "python":  # native, or auto: native when the extension loads
             module, self.plane_problem = load_native()
             if module is not None:
                 self.plane = NativePlane(module)
@@ -153,7 +154,9 @@ class Proxy:
         if self.config.dataPlane == "python":
             return
         if self.plane is None:
-            LOG.warning(
+            # asked for: a warning; the default (auto) on a build without the extension: news
+            LOG.log(
+                logging.WARNING if self.config.dataPlane == "native" else logging.INFO,
                 "dataPlane native is not available: using the python data plane",
                 extra={"fields": {"error": self.plane_problem}},
             )
@@ -163,7 +166,7 @@ class Proxy:
         fields: dict[str, object] = {"native": ",".join(native) or "none", "threads": self.plane.threads}
         if python:
             fields["python"] = ",".join(python)
-            fields["why"] = "their protocols (postgres, mysql) are relayed by python for now"
+            fields["why"] = "their session drivers run on the python plane only"
         LOG.info("data plane native", extra={"fields": fields})
 
     async def start(self) -> None:

@@ -1,8 +1,9 @@
 """What every session does once the handshake is over: hand both sides to a Relay.
 
-With ``dataPlane: native`` (docs/native.md) the TLS-first sessions dial through ``dial`` and get a
-``NativeUpstream``; ``run_relay`` then hands both sockets to the native plane instead of a
-``Relay``, and reads the outcome the same way.
+With ``dataPlane: native`` (docs/native.md) the sessions dial through ``dial`` (TLS-first) or
+upgrade through ``start_tls`` (after a plaintext preamble) and get a ``NativeUpstream``, which
+reads and writes like an ``Endpoint`` until the relay; ``run_relay`` then hands both sockets to
+the native plane instead of a ``Relay``, and reads the outcome the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay, Side
 from dbmtls.proxy.runtime import Conn
 
+# What the sessions talk to the server through: the same calls on both data planes.
+Upstream = Endpoint | NativeUpstream
+
 
 async def dial(conn: Conn, user: str | None = None) -> Endpoint | NativeUpstream:
     """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols)."""
@@ -22,6 +26,17 @@ async def dial(conn: Conn, user: str | None = None) -> Endpoint | NativeUpstream
     if plane is None:
         return await conn.rt.dialer.dial(conn, user)
     return await plane.dial(conn, user)
+
+
+async def start_tls(conn: Conn, ep: Endpoint, user: str | None = None) -> Upstream:
+    """TLS on a connected server socket (after a plaintext preamble: PostgreSQL's SSLRequest,
+    MySQL's SSLRequest packet), on the database's data plane; the session goes on with what this
+    returns (``ep`` itself on the Python plane)."""
+    plane = conn.rt.native
+    if plane is None:
+        await conn.rt.dialer.start_tls(conn, ep, user)
+        return ep
+    return await plane.start_tls(conn, ep, user)
 
 
 async def run_relay(
@@ -51,15 +66,19 @@ async def run_relay(
         return conn.notice.now(err) if conn.notice is not None else None
 
     expect_within = conn.rt.db.handshakeTimeout if expect_reply else None
+    plane = conn.rt.native
+    if plane is not None and isinstance(up, Endpoint) and not conn.rt.tls.enabled and not up.closed:
+        # tls.mode DISABLE after a plaintext exchange (MySQL reads the greeting first): the
+        # native plane relays it too, with what the session read from the server first
+        upstream_pending += up.take()
+        up = await plane.start_tls(conn, up, None)
     if isinstance(up, NativeUpstream):
-        # the native plane relays what the TLS-first sessions relay: no server bytes were read
-        # before the relay, and nobody watches them
-        assert not upstream_pending
-        assert watch_upstream is None
         if up.lost or conn.app.closed:
             # as _settle: the server went away while the session looked at the app's first
             # bytes (TLS 1.3: it rejected our certificate), or the app did
-            to_app = up.take_held() if up.lost else b""
+            to_app = upstream_pending + (up.take_held() if up.lost else b"")
+            if watch_upstream is not None:
+                watch_upstream(to_app)  # what the server said is seen, even when it said it and left
             up.close()
             if up.lost and not conn.app.closed and not to_app:
                 raise dialer.failure(conn, up.error or ClosedBeforeAnswer("the server closed the connection"))
@@ -72,6 +91,8 @@ async def run_relay(
             early_upstream_error=early,
             expect_reply_within=expect_within,
             idle_timeout=conn.rt.db.idleTimeout,
+            upstream_pending=upstream_pending + up.take(),
+            watch_upstream=watch_upstream,
         )
         conn.relay = native
         await native.done

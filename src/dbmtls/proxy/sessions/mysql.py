@@ -31,7 +31,7 @@ from dbmtls.protocols import mysql
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.notice import Reply, Said
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
-from dbmtls.proxy.sessions.common import run_relay
+from dbmtls.proxy.sessions.common import Upstream, run_relay, start_tls
 
 # The whole connection phase (greeting to final OK) may take this many handshakeTimeouts.
 PHASE_TIMEOUT_FACTOR = 3.0
@@ -59,7 +59,7 @@ async def _ensure_rsa_key() -> None:
 class _Reader:
     """At most one pending ``receive()`` per endpoint."""
 
-    def __init__(self, ep: Endpoint) -> None:
+    def __init__(self, ep: Upstream) -> None:
         self.ep = ep
         self.task: asyncio.Task[bytes] | None = None
 
@@ -91,6 +91,8 @@ class _Phase:
 
 
 class MySQLSession:
+    native_capable = True  # TLS through sessions.common.start_tls, relayed by run_relay: dataPlane native applies
+
     def __init__(self, rt: DatabaseRuntime) -> None:
         self.rt = rt
         self.dialer = rt.dialer
@@ -113,15 +115,15 @@ class MySQLSession:
             await run_relay(conn, up)
             return
         await key
-        app_reader, up_reader = _Reader(conn.app), _Reader(up)
         started = asyncio.get_running_loop().time()
+        phase = _Phase(started, _Reader(conn.app), _Reader(up))
         try:
-            await self._handshake(conn, machine, up, _Phase(started, app_reader, up_reader))
+            await self._handshake(conn, machine, up, phase)
         finally:
-            app_reader.stop()
-            up_reader.stop()
+            phase.app.stop()
+            phase.up.stop()
 
-    async def _handshake(self, conn: Conn, machine: mysql.MySQLHandshake, up: Endpoint, phase: _Phase) -> None:
+    async def _handshake(self, conn: Conn, machine: mysql.MySQLHandshake, up: Upstream, phase: _Phase) -> None:
         """Carry out the machine's events and feed it both sides until it relays or fails."""
         while True:
             event = machine.next_event()
@@ -139,7 +141,9 @@ class MySQLSession:
                 if early := phase.up.stop():
                     machine.receive_server_data(early)
                     continue
-                await self.dialer.start_tls(conn, up, conn.user)
+                assert isinstance(up, Endpoint)  # the one switch: plaintext until here
+                up = await start_tls(conn, up, conn.user)
+                phase.up = _Reader(up)  # on the native plane, a new object reads the server now
                 machine.tls_established()
             elif isinstance(event, mysql.Relay):
                 # The final OK is in to_app, so the relay never sees an upstream failure

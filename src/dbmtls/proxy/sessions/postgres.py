@@ -53,7 +53,7 @@ from dbmtls.protocols.events import NeedData
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.notice import Reply
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime
-from dbmtls.proxy.sessions.common import run_relay
+from dbmtls.proxy.sessions.common import Upstream, run_relay, start_tls
 from dbmtls.proxy.upstream import target
 
 # How long an app may take to send its startup packet(s), in handshakeTimeouts (30 s by
@@ -65,6 +65,8 @@ CANCEL_CLOSE_TIMEOUT = 5.0
 
 
 class PostgresSession:
+    native_capable = True  # TLS through sessions.common.start_tls, relayed by run_relay: dataPlane native applies
+
     def __init__(self, rt: DatabaseRuntime) -> None:
         self.rt = rt
         self.dialer = rt.dialer
@@ -162,7 +164,7 @@ class PostgresSession:
                     return event
                 machine.receive_data(await app.receive())
 
-    async def _open_upstream(self, conn: Conn, user: str | None) -> Endpoint:
+    async def _open_upstream(self, conn: Conn, user: str | None) -> Upstream:
         """TCP, SSLRequest/'S' (unless directTls), TLS with the identity for ``user``."""
         db = conn.rt.db
         # Choose the identity before dialing: a user without a certificate never costs a connection.
@@ -172,7 +174,7 @@ class PostgresSession:
         if not db.directTls and conn.rt.tls.enabled:
             await self._negotiate(conn, up)
         try:
-            await self.dialer.start_tls(conn, up, user)
+            return await start_tls(conn, up, user)
         except (TLSHandshakeError, TLSRefused) as err:
             # A server before 17 reads our ClientHello as a startup packet of absurd length and
             # hangs up without a word: say what most likely happened, not only "closed".
@@ -182,7 +184,6 @@ class PostgresSession:
                     "the TLS ClientHello; set directTls: false (the SSLRequest upgrade works with every version)"
                 ) from None
             raise
-        return up
 
     async def _negotiate(self, conn: Conn, up: Endpoint) -> None:
         """SSLRequest, then exactly 'S' (docs/protocols/postgres.md#upstream-upgrade)."""
@@ -203,7 +204,7 @@ class PostgresSession:
         except DbmtlsError as err:
             raise err.with_message(f"{err.message} (server {target(conn)})") from None
 
-    async def _first_reply(self, conn: Conn, up: Endpoint) -> bytes:
+    async def _first_reply(self, conn: Conn, up: Upstream) -> bytes:
         """The server's first answer to our StartupMessage (see ``pg.FirstReply``)."""
         timeout = conn.rt.db.handshakeTimeout
         reply = pg.FirstReply()
