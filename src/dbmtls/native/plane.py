@@ -228,7 +228,7 @@ class NativeUpstream:
     """
 
     # one per connection for its whole life: no instance dict (docs/memory.md)
-    __slots__ = ("_handshake", "_relay", "_server_name", "closed", "error", "handle", "lost", "plane")
+    __slots__ = ("_handshake", "_relay", "_server_name", "_waiter", "closed", "error", "handle", "lost", "plane")
 
     def __init__(self, plane: NativePlane, fd: int, ctx: ssl.SSLContext | None, server_name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -388,7 +388,7 @@ class NativeUpstream:
 class NativeRelay:
     """What ``Relay`` is to a session (``run_relay``, the metrics, the drain), for a native relay."""
 
-    __slots__ = ("_early_hook", "_server_name", "_up", "done", "error", "failed_side", "idled")
+    __slots__ = ("_early_hook", "_server_name", "_up", "_watch", "done", "error", "failed_side", "idled")
 
     def __init__(
         self,
