@@ -7,6 +7,7 @@ the byte counts of connections that are still open.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class Stats:
     app_protocol_errors: int = 0
     connect_seconds: Histogram = field(default_factory=Histogram)
     handshake_seconds: Histogram = field(default_factory=Histogram)
+    # upstream TLS handshakes that resumed a session, and those that offered one the server
+    # refused (docs/tls-resumption.md)
+    tls_resumed: int = 0
+    tls_resume_refused: int = 0
+    # app connections given a pre-handshaken upstream, and pooled connections thrown away
+    # unused (closed by the server, older than preconnect.maxIdle, made before a reload)
+    preconnect_used: int = 0
+    preconnect_discarded: int = 0
 
     def record_failure(self, err: DbmtlsError) -> None:
         if err.reason is Reason.APP_PROTOCOL:
@@ -120,6 +129,10 @@ class Conn:
     relay: Relay | NativeRelay | None = None
     upstream: Endpoint | NativeUpstream | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"
+    tls_resumed: bool = False  # the upstream TLS handshake resumed a session
+    preconnected: bool = False  # the upstream came handshaken from the preconnect pool
+    # the upstream's context and SSL object, to keep its session when it ends (tls.resume)
+    upstream_tls: tuple[ssl.SSLContext, ssl.SSLObject | None] | None = None
     refused: DbmtlsError | None = None  # set at accept when a connection limit is reached
 
     def admit(self) -> None:

@@ -28,7 +28,7 @@ from dbmtls.proxy.limits import Admission, Verdict, raise_fd_limit
 from dbmtls.proxy.notice import tell_app
 from dbmtls.proxy.resolver import make_resolver
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
-from dbmtls.proxy.upstream import Dialer
+from dbmtls.proxy.upstream import Dialer, keep_session
 
 
 def session_class(spec: ProtocolSpec) -> type[Session]:
@@ -278,6 +278,7 @@ class Proxy:
                 self.admission.relayed -= 1
                 rt.relayed -= 1
             rt.active.discard(conn)
+            keep_session(conn)
             rt.stats.closed += 1
             rt.stats.bytes_from_app += conn.bytes_from_app
             rt.stats.bytes_from_upstream += conn.bytes_from_upstream
@@ -318,6 +319,8 @@ class Proxy:
             "duration": f"{time.monotonic() - conn.started:.3f}s",
             "tls": conn.tls_version,
             "cipher": conn.cipher,
+            "tls_resumed": conn.tls_resumed if conn.tls_version else None,
+            "preconnected": conn.preconnected or None,
             "note": conn.note,
         }
         if err is None:

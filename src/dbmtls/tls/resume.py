@@ -1,0 +1,170 @@
+"""Upstream TLS session resumption on the Python data plane (docs/tls-resumption.md).
+
+The cache lives on the ``ssl.SSLContext`` it belongs to, which is one identity (the default
+client certificate, or one of ``tls.userCertificates``) of one database, and inside it is keyed
+by server name.  So a session is only ever offered by the identity that made it, to the name it
+was made for: OpenSSL would resume one under another SNI name and checks no host name on a
+resumed connection, so the key is what keeps a session of user A (or of server name A) from
+being offered on behalf of user B (or to name B).  A reload builds new contexts: the old
+contexts' sessions are dropped with them, never offered with a new certificate.
+
+How the session reaches OpenSSL: uvloop's ``loop.start_tls`` has no ``session=`` argument.
+It creates the ``SSLObject`` itself, through the documented ``SSLContext.wrap_bio(incoming,
+outgoing, server_side, server_hostname, session)``, from a callback that runs in the context
+of the transport (uvloop: the context copied when the connection was made; asyncio: the one
+of the ``start_tls`` caller, the same task).  So the dialer puts a fresh, per-connection
+``Offer`` in the ``OFFER`` context variable just before it makes the TCP connection
+(``Dialer.open``), fills in the session before ``start_tls``, and ``ResumingContext.wrap_bio``
+reads it there.  The context copy shares the ``Offer`` object, not a value: that is what lets
+a session chosen after the connection was made reach the callback, and a new connection's
+``Offer`` never be another's.  ``tests/e2e/test_resumption.py`` checks that connections do
+resume, on the event loop dbmtls runs.
+
+Sessions are harvested when the connection ends (``harvest``): a TLS 1.3 server sends its
+tickets after the handshake, so they only exist on the client once the first records from the
+server have been read; Python has no new-session callback.  A ticket is taken out of the cache
+when it is offered (TLS 1.3 tickets are single use), and at most ``PER_NAME`` are kept per
+identity and name (each holds the server's certificate chain: a few KiB).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+from dbmtls.errors import (
+    CertificateExpired,
+    NameMismatch,
+    TLSHandshakeError,
+    TLSVersionMismatch,
+    UnknownCA,
+    UpstreamError,
+)
+
+# Sessions kept per identity and server name.  Connections resumed from them bring fresh
+# tickets, so a handful is enough for a steady stream of short connections.
+PER_NAME = 4
+# After a handshake that offered a session failed, sessions are not offered to that name
+# (from that identity) for this long: a server that cannot resume (Redis with
+# tls-session-caching no fails such a handshake) must not cost every connection a retry.
+BACKOFF = 300.0
+
+
+class ResumptionRefused(Exception):
+    """A handshake that offered a session failed (``error``: what it would have raised).
+
+    Raised inside the dialer only: a TLS-first dial retries without a session, an in-band
+    upgrade raises ``error`` (``dbmtls.proxy.upstream``)."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def refused_resumption(err: UpstreamError) -> bool:
+    """Whether a failed handshake that offered a session may have failed *because* it did.
+
+    Not when the server's certificate failed verification, the versions did not match, the
+    server did not speak TLS or did not answer in time: a handshake without a session fails
+    the same way, a retry would only double the cost.
+    """
+    return isinstance(err, TLSHandshakeError) and not isinstance(
+        err, UnknownCA | NameMismatch | CertificateExpired | TLSVersionMismatch
+    )
+
+
+class Offer:
+    """The session one upstream connection offers (None: none); see the module's docstring."""
+
+    __slots__ = ("session",)
+
+    def __init__(self) -> None:
+        self.session: ssl.SSLSession | None = None
+
+
+OFFER: contextvars.ContextVar[Offer | None] = contextvars.ContextVar("dbmtls_tls_offer", default=None)
+
+
+class SessionCache:
+    """The sessions of one identity, per server name, bounded; with a per-name backoff."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, deque[ssl.SSLSession]] = {}
+        self._backoff_until: dict[str, float] = {}
+
+    def take(self, server_name: str) -> ssl.SSLSession | None:
+        """A session to offer to ``server_name`` (taken out: a TLS 1.3 ticket is single use)."""
+        if self._backoff_until.get(server_name, 0.0) > time.monotonic():
+            return None
+        q = self._sessions.get(server_name)
+        while q:
+            session = q.pop()  # the newest: the longest left to live
+            if _still_valid(session):
+                return session
+        return None
+
+    def put(self, server_name: str, session: ssl.SSLSession) -> None:
+        if self._backoff_until.get(server_name, 0.0) > time.monotonic():
+            return
+        q = self._sessions.setdefault(server_name, deque(maxlen=PER_NAME))
+        if session not in q:
+            q.append(session)
+
+    def refused(self, server_name: str) -> None:
+        """A handshake offering a session failed: stop offering to that name for a while."""
+        self._backoff_until[server_name] = time.monotonic() + BACKOFF
+        self._sessions.pop(server_name, None)
+
+    def backing_off(self, server_name: str) -> bool:
+        return self._backoff_until.get(server_name, 0.0) > time.monotonic()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._sessions.values())
+
+
+def _still_valid(session: ssl.SSLSession) -> bool:
+    return session.time + session.timeout > time.time()
+
+
+class ResumingContext(ssl.SSLContext):
+    """An ``SSLContext`` that offers the session in ``OFFER`` (see the module's docstring) and
+    owns the session cache of its identity.  Everything else is ``ssl.SSLContext``'s."""
+
+    # set in build_context: ssl.SSLContext creates its instances in __new__ and has no
+    # __init__ of its own worth overriding
+    sessions: SessionCache | None = None
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        offer = OFFER.get()
+        if offer is not None and offer.session is not None and kwargs.get("session") is None:
+            kwargs["session"] = offer.session
+            offer.session = None  # one handshake only
+        return super().wrap_bio(*args, **kwargs)
+
+
+def cache_of(ctx: ssl.SSLContext) -> SessionCache | None:
+    """The context's session cache; None when resumption is off for it."""
+    return getattr(ctx, "sessions", None)
+
+
+def harvest(ctx: ssl.SSLContext | None, server_name: str, sslobj: ssl.SSLObject | None) -> None:
+    """Keep the connection's latest session for the next connection of the same identity and name.
+
+    Called when the connection ends; OpenSSL marks a session of a connection that failed
+    (a fatal alert, a reset) as not resumable, and CPython then gives out none.
+    """
+    cache = cache_of(ctx) if ctx is not None else None
+    if cache is None or sslobj is None:
+        return
+    try:
+        session = sslobj.session
+    except (ValueError, ssl.SSLError):
+        return
+    if session is None:
+        return
+    if sslobj.version() == "TLSv1.3" and not session.has_ticket:
+        return  # no ticket arrived (the server issues none, e.g. PostgreSQL): nothing to offer
+    cache.put(server_name, session)
