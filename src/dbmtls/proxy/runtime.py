@@ -22,6 +22,7 @@ from dbmtls.tls.material import ClientTLS
 
 if TYPE_CHECKING:  # dbmtls.native.plane imports this module
     from dbmtls.native.plane import NativePlane, NativeRelay, NativeUpstream
+    from dbmtls.proxy.preconnect import Pool
 
 # Histogram buckets (seconds) for upstream connect and TLS handshake durations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -107,6 +108,8 @@ class DatabaseRuntime:
         # dataPlane native, for a protocol whose session supports it (Proxy sets it): the TLS
         # handshake and the relay run in the native plane's threads (docs/native.md)
         self.native: NativePlane | None = None
+        # preconnect.connections > 0: upstream connections kept handshaken (Proxy starts it)
+        self.pool: Pool | None = None
 
     @property
     def name(self) -> str:

@@ -19,7 +19,11 @@ from dbmtls.tls.resume import cache_of
 
 
 async def dial(conn: Conn, user: str | None = None) -> Endpoint | NativeUpstream:
-    """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols)."""
+    """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols);
+    or a connection the preconnect pool made ahead (dbmtls.proxy.preconnect)."""
+    pool = conn.rt.pool
+    if pool is not None and user is None and (ready := pool.take(conn)) is not None:
+        return ready
     plane = conn.rt.native
     if plane is None:
         return await conn.rt.dialer.dial(conn, user)
