@@ -308,3 +308,131 @@ def test_sessions_are_never_resumed_across_identities(pki: PKI, maria: MariaDB, 
     # every later connection resumed its own identity's session (MariaDB issues TLS 1.3 tickets)
     assert (len(by_user["jinsu"]), len(by_user["alice"])) == (3, 2), lines
     assert resumed == {"jinsu": 2, "alice": 1}, lines
+
+
+# --- server names: the cache key, and the name check on a resumed connection (python plane) -------
+
+
+def test_a_session_never_lets_an_unverified_name_through(
+    pki: PKI, redis_tls: RedisTLS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session of name A, offered (by a cache that would ignore names) to a connection for name
+    B that the server certificate does not carry.  OpenSSL resumes it and verifies nothing, so
+    the handshake succeeds: the name check that runs on resumed connections must refuse it."""
+    import uvloop
+
+    from dbmtls.config.model import DatabaseConfig
+    from dbmtls.errors import NameMismatch
+    from dbmtls.proxy import upstream
+    from dbmtls.proxy.endpoint import Endpoint
+    from dbmtls.proxy.runtime import Conn, DatabaseRuntime
+    from dbmtls.tls.resume import cache_of
+
+    def runtime(**tls: Any) -> DatabaseRuntime:
+        db = DatabaseConfig(
+            name="n",
+            protocol="redis",
+            listen="127.0.0.1:1",
+            address=f"localhost:{redis_tls.port}",
+            tls=tls_block(pki, **tls),
+        )
+        rt = DatabaseRuntime(db, upstream.Dialer())
+        rt.tls.load()
+        return rt
+
+    checked: list[tuple[str, ...]] = []
+    from dbmtls.tls.context import check_peer_names as real_check
+
+    def spy(sslobj: Any, wanted: tuple[str, ...]) -> None:
+        checked.append(tuple(wanted))
+        real_check(sslobj, wanted)
+
+    monkeypatch.setattr(upstream, "check_peer_names", spy)
+
+    async def main() -> None:
+        a = runtime()
+        conn = Conn(a, Endpoint(), "test")
+        ep = await a.dialer.dial(conn)
+        ep.write(b"PING\r\n")
+        assert await ep.receive() == b"+PONG\r\n"  # the tickets came before the reply
+        upstream.keep_session(conn)
+        ep.close()
+        ctx = a.tls.context_for(None)
+        assert ctx is not None
+        cache = cache_of(ctx)
+        assert cache is not None
+        # kept for its own name only
+        assert cache.take("db.example") is None
+        session = cache.take("localhost")
+        assert session is not None
+        # name B, same identity: put A's session where B's would be
+        b = runtime(sni="db.example")
+        b.tls.material = a.tls.material
+        cache.put("db.example", session)
+        with pytest.raises(NameMismatch):
+            await b.dialer.dial(Conn(b, Endpoint(), "test"))
+        # the handshake itself succeeded (a full one would have failed inside OpenSSL, before our
+        # check): it was resumed, and our check refused it
+        assert checked == [("db.example",)]
+
+    uvloop.run(main())
+
+
+def test_a_session_never_lets_an_unverified_name_through_native(pki: PKI, redis_tls: RedisTLS) -> None:
+    """The same on the native plane: the C cache is keyed by name, so the test copies name A's
+    sessions under name B (Context._copy_sessions, for tests) and dials name B."""
+    import asyncio
+
+    import uvloop
+
+    from dbmtls.config.model import DatabaseConfig
+    from dbmtls.errors import NameMismatch
+    from dbmtls.native import load as load_native
+    from dbmtls.native.plane import NativePlane
+    from dbmtls.native.tls import NativeClientTLS, twin_of
+    from dbmtls.proxy import upstream
+    from dbmtls.proxy.endpoint import Endpoint
+    from dbmtls.proxy.runtime import Conn, DatabaseRuntime
+
+    module, problem = load_native()
+    if module is None:
+        pytest.skip(f"native plane not available: {problem}")
+
+    async def main() -> None:
+        plane = NativePlane(module)
+        plane.start()
+
+        def runtime(**tls: Any) -> DatabaseRuntime:
+            db = DatabaseConfig(
+                name="n",
+                protocol="redis",
+                listen="127.0.0.1:1",
+                address=f"localhost:{redis_tls.port}",
+                tls=tls_block(pki, **tls),
+            )
+            rt = DatabaseRuntime(db, upstream.Dialer())
+            rt.native = plane
+            rt.tls = NativeClientTLS(db, module)
+            rt.tls.load()
+            return rt
+
+        try:
+            a = runtime()
+            up = await plane.dial(Conn(a, Endpoint(), "test"))
+            twin = twin_of(a.tls.context_for(None))  # type: ignore[arg-type]
+            # the worker keeps reading the server while the app is awaited: the tickets arrive
+            deadline = time.monotonic() + 10
+            while twin.cached_sessions("localhost") == 0:
+                assert time.monotonic() < deadline, "no session kept"
+                await asyncio.sleep(0.01)
+            up.close()
+            assert twin.cached_sessions("db.example") == 0  # kept for its own name only
+            b = runtime(sni="db.example")
+            b.tls.material = a.tls.material
+            assert twin._copy_sessions("localhost", "db.example") > 0
+            with pytest.raises(NameMismatch):
+                await plane.dial(Conn(b, Endpoint(), "test"))
+        finally:
+            plane.close()
+
+    uvloop.run(main())

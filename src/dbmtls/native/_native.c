@@ -395,6 +395,26 @@ static PyObject *Context_cached_sessions(ContextObject *self, PyObject *args) {
     return PyLong_FromLong(n);
 }
 
+/* Context._copy_sessions(src, dst): put the sessions kept for `src` under `dst` too.  For tests
+ * only: it makes the mistake the cache's key prevents, to show the name check on resumed
+ * connections catches it. */
+static PyObject *Context_copy_sessions(ContextObject *self, PyObject *args) {
+    const char *src, *dst;
+    if (!PyArg_ParseTuple(args, "ss", &src, &dst)) return NULL;
+    sess_cache_t *cache = sess_cache_of(self->ctx);
+    long n = 0;
+    if (cache) {
+        pthread_mutex_lock(&cache->lock);
+        sess_name_t *from = sess_entry(cache, src, 0), *to = sess_entry(cache, dst, 1);
+        for (int i = 0; from && to && i < from->n && to->n < SESS_PER_NAME; i++, n++) {
+            SSL_SESSION_up_ref(from->s[i]);
+            to->s[to->n++] = from->s[i];
+        }
+        pthread_mutex_unlock(&cache->lock);
+    }
+    return PyLong_FromLong(n);
+}
+
 static PyMethodDef Context_methods[] = {
     {"leaf_der", (PyCFunction)Context_leaf_der, METH_NOARGS, "DER of the client certificate, or None."},
     {"ciphers", (PyCFunction)Context_ciphers, METH_NOARGS, "Names of the configured cipher suites, in order."},
@@ -402,6 +422,7 @@ static PyMethodDef Context_methods[] = {
     {"enable_sessions", (PyCFunction)Context_enable_sessions, METH_NOARGS, "Keep sessions for resumption."},
     {"refuse_sessions", (PyCFunction)Context_refuse_sessions, METH_VARARGS, "Back off from resuming with a name."},
     {"cached_sessions", (PyCFunction)Context_cached_sessions, METH_VARARGS, "Sessions kept for a name."},
+    {"_copy_sessions", (PyCFunction)Context_copy_sessions, METH_VARARGS, "For tests: copy a name's sessions."},
     {NULL, NULL, 0, NULL},
 };
 
