@@ -124,3 +124,14 @@ def test_a_resuming_context_is_still_an_sslcontext(pki: PKI) -> None:
     ctx = build_context(TLSSettings(caCertificates=pki.ca_cert), ("localhost",), "localhost", None)
     assert isinstance(ctx, ssl.SSLContext)
     assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_overrides_may_set_preconnect_and_session_resumption(tmp_path: Path) -> None:
+    """A database from a DestinationRule has no preconnect of its own: an override gives it one."""
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump({"databases": [db()]}))
+    o = tmp_path / "o.yaml"
+    o.write_text("overrides: {cache: {preconnect: {connections: 3}, tls: {sessionResumption: false}}}\n")
+    d = load_config([a, o]).databases[0]
+    assert d.preconnect.connections == 3
+    assert d.tls.sessionResumption is False
