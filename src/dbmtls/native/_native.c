@@ -142,7 +142,7 @@ static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_read_buffer_len(ctx, BATCH);
     SSL_CTX_set_default_passwd_cb(ctx, no_passphrase);
-    /* the client keeps no sessions: each connection is a fresh handshake, as in tls/context.py */
+    /* no sessions kept unless Context.enable_sessions() (tls.sessionResumption) turns the cache on */
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     if (seclevel >= 0) SSL_CTX_set_security_level(ctx, seclevel);
     if (ok && ciphers && !SSL_CTX_set_cipher_list(ctx, ciphers)) { ok = 0; failed = "cipher list"; }

@@ -134,8 +134,11 @@ class Pool:
             if len(self.ready) < self.size:
                 try:
                     entry = await self._dial_one()
-                except DbmtlsError as exc:
-                    if not self._failing:
+                except Exception as exc:
+                    if not isinstance(exc, DbmtlsError):
+                        # a bug of ours: say so, and keep the pool alive (app connections dial)
+                        LOG.exception("preconnect: internal error", extra={"fields": {"db": self.rt.name}})
+                    elif not self._failing:
                         LOG.warning(
                             "preconnect: cannot make a connection ahead; app connections dial themselves",
                             extra={"fields": {"db": self.rt.name, "error": exc.message, "retry": f"{backoff:g}s"}},
