@@ -103,7 +103,7 @@ class _Session:
 
 
 def test_the_cache_is_bounded_per_name_single_use_and_backs_off() -> None:
-    cache = SessionCache()
+    cache = SessionCache(reuse=False)
     sessions: list[Any] = [_Session(i) for i in range(PER_NAME + 2)]
     for s in sessions:
         cache.put("a", s)
@@ -135,3 +135,29 @@ def test_overrides_may_set_preconnect_and_session_resumption(tmp_path: Path) -> 
     d = load_config([a, o]).databases[0]
     assert d.preconnect.connections == 3
     assert d.tls.sessionResumption is False
+
+
+def test_with_reuse_a_session_stays_until_it_is_not_accepted() -> None:
+    """CPython before 3.12.8 leaks a copy on every read of SSLObject.session: there the cache
+    reuses a session and asks for a new one only when it has none (tls.resume.GETTER_LEAKS)."""
+    cache = SessionCache(reuse=True)
+    assert cache.wants("a")
+    s: Any = _Session(1)
+    cache.put("a", s)
+    assert not cache.wants("a")  # no read of the getter while a session is there
+    assert [cache.take("a"), cache.take("a")] == [s, s]  # offered again and again
+    assert cache.wants("b")  # per name
+    cache.not_resumed("a", s)  # the server did a full handshake: it is stale
+    assert cache.take("a") is None and cache.wants("a")
+    expired: Any = _Session(2, expired=True)
+    cache.put("a", expired)
+    assert cache.wants("a") and cache.take("a") is None
+    cache.put("a", s)
+    cache.refused("a")
+    assert not cache.wants("a") and cache.take("a") is None  # backing off: neither read nor offered
+
+
+def test_the_getter_leak_is_known_for_this_python() -> None:
+    from dbmtls.tls.resume import GETTER_LEAKS
+
+    assert (sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)) == GETTER_LEAKS

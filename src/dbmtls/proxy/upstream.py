@@ -234,6 +234,8 @@ class Dialer:
         conn.rt.stats.handshake_seconds.observe(time.monotonic() - started)
         if conn.tls_resumed:
             conn.rt.stats.tls_resumed += 1
+        elif session is not None and cache is not None:
+            cache.not_resumed(db.server_name, session)
         if sslobj is not None:
             conn.tls_version = sslobj.version()
             cipher = sslobj.cipher()

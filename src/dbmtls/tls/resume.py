@@ -20,17 +20,28 @@ a session chosen after the connection was made reach the callback, and a new con
 ``Offer`` never be another's.  ``tests/e2e/test_resumption.py`` checks that connections do
 resume, on the event loop dbmtls runs.
 
-Sessions are harvested when the connection ends (``harvest``): a TLS 1.3 server sends its
-tickets after the handshake, so they only exist on the client once the first records from the
-server have been read; Python has no new-session callback.  A ticket is taken out of the cache
-when it is offered (TLS 1.3 tickets are single use), and at most ``PER_NAME`` are kept per
-identity and name (each holds the server's certificate chain: a few KiB).
+Sessions are harvested once the server's first reply was read (``harvest``): a TLS 1.3 server
+sends its tickets after the handshake, so they only exist on the client once the first records
+from the server have been read; Python has no new-session callback.  At most ``PER_NAME`` are
+kept per identity and name (each holds the server's certificate chain: a few KiB).
+
+Single use, or reuse: a TLS 1.3 ticket should be used once (RFC 8446 C.4: reuse lets an observer
+link connections), so a session is taken out of the cache when it is offered, and each connection
+brings the next one.  But reading ``SSLObject.session`` leaks a copy of the session (about 6 KiB)
+on every call in CPython before 3.12.8 / 3.13.1 (python/cpython#116810: the getter duplicates the
+session, then overwrites the duplicate), and single use means one read per connection: 20,000
+connections would leak over 100 MiB.  On those versions (``GETTER_LEAKS``) a session is therefore
+*reused* until it expires or the server stops accepting it, and the getter is read only when the
+cache has no session for that name: a few reads per ticket lifetime, not one per connection.  The
+connection between dbmtls and its database is what an observer could link, which it can anyway
+(same addresses, same client certificate in TLS 1.2).
 """
 
 from __future__ import annotations
 
 import contextvars
 import ssl
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -85,26 +96,48 @@ class Offer:
         self.session: ssl.SSLSession | None = None
 
 
+# python/cpython#116810, fixed in 3.12.8 and 3.13.1 (see the module's docstring)
+GETTER_LEAKS = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
+
 OFFER: contextvars.ContextVar[Offer | None] = contextvars.ContextVar("dbmtls_tls_offer", default=None)
 
 
 class SessionCache:
     """The sessions of one identity, per server name, bounded; with a per-name backoff."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, reuse: bool = GETTER_LEAKS) -> None:
         self._sessions: dict[str, deque[ssl.SSLSession]] = {}
         self._backoff_until: dict[str, float] = {}
+        self.reuse = reuse  # see the module's docstring
 
     def take(self, server_name: str) -> ssl.SSLSession | None:
-        """A session to offer to ``server_name`` (taken out: a TLS 1.3 ticket is single use)."""
+        """A session to offer to ``server_name``: taken out (a TLS 1.3 ticket is single use), or
+        with ``reuse``, left in for the next connections until it expires or is not accepted."""
         if self._backoff_until.get(server_name, 0.0) > time.monotonic():
             return None
         q = self._sessions.get(server_name)
         while q:
-            session = q.pop()  # the newest: the longest left to live
+            session = q[-1]  # the newest: the longest left to live
             if _still_valid(session):
+                if not self.reuse:
+                    q.pop()
                 return session
+            q.pop()
         return None
+
+    def wants(self, server_name: str) -> bool:
+        """Whether a session for ``server_name`` is worth reading from a connection (with
+        ``reuse``: only when there is none left)."""
+        if self._backoff_until.get(server_name, 0.0) > time.monotonic():
+            return False
+        return not self.reuse or not any(_still_valid(s) for s in self._sessions.get(server_name, ()))
+
+    def not_resumed(self, server_name: str, session: ssl.SSLSession) -> None:
+        """The server did a full handshake although ``session`` was offered (it expired there, or
+        the server restarted): do not offer it again."""
+        q = self._sessions.get(server_name)
+        if q is not None and session in q:
+            q.remove(session)
 
     def put(self, server_name: str, session: ssl.SSLSession) -> None:
         if self._backoff_until.get(server_name, 0.0) > time.monotonic():
@@ -157,8 +190,8 @@ def harvest(ctx: ssl.SSLContext | None, server_name: str, sslobj: ssl.SSLObject 
     (a fatal alert, a reset) as not resumable, and CPython then gives out none.
     """
     cache = cache_of(ctx) if ctx is not None else None
-    if cache is None or sslobj is None:
-        return
+    if cache is None or sslobj is None or not cache.wants(server_name):
+        return  # (before the getter: it leaks on some versions, see the module's docstring)
     try:
         session = sslobj.session
     except (ValueError, ssl.SSLError):
