@@ -161,3 +161,14 @@ def test_the_getter_leak_is_known_for_this_python() -> None:
     from dbmtls.tls.resume import GETTER_LEAKS
 
     assert (sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)) == GETTER_LEAKS
+
+
+def test_a_server_that_gives_no_session_is_not_asked_again_for_a_while() -> None:
+    """PostgreSQL issues no tickets: reading the session of each of its connections would only
+    leak (GETTER_LEAKS); after one that gave none, the next ones are not read."""
+    for reuse in (True, False):
+        cache = SessionCache(reuse=reuse)
+        assert cache.wants("pg")
+        cache.none_given("pg")
+        assert not cache.wants("pg")
+        assert cache.wants("other")

@@ -287,7 +287,7 @@ class Proxy:
                 self.admission.relayed -= 1
                 rt.relayed -= 1
             rt.active.discard(conn)
-            keep_session(conn)
+            keep_session(conn, replied=False)
             rt.stats.closed += 1
             rt.stats.bytes_from_app += conn.bytes_from_app
             rt.stats.bytes_from_upstream += conn.bytes_from_upstream

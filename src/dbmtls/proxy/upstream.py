@@ -44,12 +44,13 @@ def _first_or_all(errors: list[OSError], hosts: tuple[str, ...]) -> OSError:
     return OSError(", ".join(f"{h}: {e.strerror or e}" for h, e in zip(hosts, errors, strict=False)))
 
 
-def keep_session(conn: Conn) -> None:
-    """The connection ended: keep its upstream TLS session for the next one (``tls.resume``)."""
+def keep_session(conn: Conn, *, replied: bool) -> None:
+    """Keep the connection's upstream TLS session for the next one (``tls.resume``), once: when
+    the server's first reply was relayed (``replied``), or else when the connection ends."""
     if conn.upstream_tls is not None:
         ctx, sslobj = conn.upstream_tls
         conn.upstream_tls = None
-        harvest(ctx, conn.rt.db.server_name, sslobj)
+        harvest(ctx, conn.rt.db.server_name, sslobj, replied=replied)
 
 
 class Dialer:

@@ -108,6 +108,9 @@ class SessionCache:
     def __init__(self, *, reuse: bool = GETTER_LEAKS) -> None:
         self._sessions: dict[str, deque[ssl.SSLSession]] = {}
         self._backoff_until: dict[str, float] = {}
+        # names whose server gave no session when last asked (PostgreSQL issues no tickets):
+        # not asked again before then (the getter costs a leaked copy on some versions)
+        self._quiet_until: dict[str, float] = {}
         self.reuse = reuse  # see the module's docstring
 
     def take(self, server_name: str) -> ssl.SSLSession | None:
@@ -128,9 +131,15 @@ class SessionCache:
     def wants(self, server_name: str) -> bool:
         """Whether a session for ``server_name`` is worth reading from a connection (with
         ``reuse``: only when there is none left)."""
-        if self._backoff_until.get(server_name, 0.0) > time.monotonic():
+        now = time.monotonic()
+        if self._backoff_until.get(server_name, 0.0) > now or self._quiet_until.get(server_name, 0.0) > now:
             return False
         return not self.reuse or not any(_still_valid(s) for s in self._sessions.get(server_name, ()))
+
+    def none_given(self, server_name: str) -> None:
+        """A connection to ``server_name`` had no session to keep: do not ask the next ones for
+        a while (a server that issues no tickets issues none on the next connection either)."""
+        self._quiet_until[server_name] = time.monotonic() + BACKOFF
 
     def not_resumed(self, server_name: str, session: ssl.SSLSession) -> None:
         """The server did a full handshake although ``session`` was offered (it expired there, or
@@ -183,21 +192,26 @@ def cache_of(ctx: ssl.SSLContext) -> SessionCache | None:
     return getattr(ctx, "sessions", None)
 
 
-def harvest(ctx: ssl.SSLContext | None, server_name: str, sslobj: ssl.SSLObject | None) -> None:
+def harvest(ctx: ssl.SSLContext | None, server_name: str, sslobj: ssl.SSLObject | None, *, replied: bool) -> None:
     """Keep the connection's latest session for the next connection of the same identity and name.
 
-    Called when the connection ends; OpenSSL marks a session of a connection that failed
-    (a fatal alert, a reset) as not resumable, and CPython then gives out none.
+    ``replied``: called once the server's first reply was read (its tickets came before it), or
+    else when the connection ends without one (an app that connected and left: its tickets may
+    not have been read yet, so "no session" says nothing about the server).  OpenSSL marks a
+    session of a connection that failed (a fatal alert, a reset) as not resumable.
     """
     cache = cache_of(ctx) if ctx is not None else None
     if cache is None or sslobj is None or not cache.wants(server_name):
         return  # (before the getter: it leaks on some versions, see the module's docstring)
+    if not replied and cache.reuse:
+        return  # not worth a leaked copy: a connection that got a reply will give one
     try:
         session = sslobj.session
     except (ValueError, ssl.SSLError):
+        session = None
+    if session is None or (sslobj.version() == "TLSv1.3" and not session.has_ticket):
+        # no ticket: after a reply, the server issues none (e.g. PostgreSQL): nothing to offer
+        if replied:
+            cache.none_given(server_name)
         return
-    if session is None:
-        return
-    if sslobj.version() == "TLSv1.3" and not session.has_ticket:
-        return  # no ticket arrived (the server issues none, e.g. PostgreSQL): nothing to offer
     cache.put(server_name, session)

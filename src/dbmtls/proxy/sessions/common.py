@@ -123,7 +123,7 @@ def _keeping_session(conn: Conn, watch: Callable[[bytes], bool] | None) -> Calla
         nonlocal kept
         if not kept and data:
             kept = True
-            keep_session(conn)
+            keep_session(conn, replied=True)
         if watch is not None:
             return watch(data)
         return kept
