@@ -46,7 +46,7 @@ _EXPLAINED: tuple[tuple[str, Callable[[DatabaseConfig], object]], ...] = (
     ("tls.subjectAltNames", lambda d: list(d.verify_names) if d.tls.mode != "DISABLE" else None),
     *(
         (f"tls.{key}", lambda d, key=key: getattr(d.tls, key))
-        for key in ("insecureSkipVerify", "minProtocolVersion", "maxProtocolVersion")
+        for key in ("insecureSkipVerify", "minProtocolVersion", "maxProtocolVersion", "sessionResumption")
     ),
 )
 

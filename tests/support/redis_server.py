@@ -21,6 +21,7 @@ class RedisTLS:
         maxclients: int = 1000,
         bind: str = "127.0.0.1",
         port: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (make setup installs it)")
@@ -44,6 +45,7 @@ class RedisTLS:
             "--logfile", str(self.log_path),
             "--maxclients", str(maxclients),
             "--proto-max-bulk-len", "64mb",
+            *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -210,7 +210,9 @@ class ScriptedDialer(Dialer):
         ep.connection_made(transport)
         self.servers.put_nowait(Peer("server", transport))
 
-    async def handshake(self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext) -> ssl.SSLObject | None:
+    async def handshake(
+        self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+    ) -> ssl.SSLObject | None:
         if self.handshake_error is not None:
             raise self.handshake_error
         assert isinstance(ep.transport, FakeTransport)

@@ -306,7 +306,7 @@ def test_override_of_other_fields_is_refused(tmp_path: Path) -> None:
         load_config([a, o])
     assert info.value.path == "overrides.cache.tls"
     o.write_text("overrides: {cache: {protocol: mysql}}\n")
-    allowed = "address, allowRemoteClients, dial, idleTimeout, listen, maxConnections, tls"
+    allowed = "address, allowRemoteClients, dial, idleTimeout, listen, maxConnections, preconnect, tls"
     with pytest.raises(ConfigError, match=f"may set only {allowed}"):
         load_config([a, o])
 

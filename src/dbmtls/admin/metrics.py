@@ -76,6 +76,45 @@ def _connections(rts: list[DatabaseRuntime]) -> Iterator[Metric]:
     yield nbytes
 
 
+def _resumption(rts: list[DatabaseRuntime]) -> Iterator[Metric]:
+    """Upstream TLS session resumption and the preconnect pool (docs/tls-resumption.md)."""
+    yield _per_database(
+        CounterMetricFamily,
+        "dbmtls_upstream_tls_resumed",
+        "Upstream TLS handshakes that resumed a session.",
+        rts,
+        lambda rt: rt.stats.tls_resumed,
+    )
+    yield _per_database(
+        CounterMetricFamily,
+        "dbmtls_upstream_tls_resumption_refused",
+        "Upstream TLS handshakes that offered a session and failed (sessions are then not offered for a while).",
+        rts,
+        lambda rt: rt.stats.tls_resume_refused,
+    )
+    yield _per_database(
+        GaugeMetricFamily,
+        "dbmtls_preconnect_ready",
+        "Upstream connections handshaken ahead, waiting for an app connection.",
+        rts,
+        lambda rt: len(rt.pool.ready) if rt.pool is not None else 0,
+    )
+    yield _per_database(
+        CounterMetricFamily,
+        "dbmtls_preconnect_used",
+        "App connections given an upstream connection handshaken ahead.",
+        rts,
+        lambda rt: rt.stats.preconnect_used,
+    )
+    yield _per_database(
+        CounterMetricFamily,
+        "dbmtls_preconnect_discarded",
+        "Connections handshaken ahead and closed unused (server closed them, maxIdle, reload).",
+        rts,
+        lambda rt: rt.stats.preconnect_discarded,
+    )
+
+
 def _certificates(rts: list[DatabaseRuntime], reload_counts: Mapping[str, ReloadCounts]) -> Iterator[Metric]:
     """Reloads by result and the expiry of every loaded certificate."""
     reloads = CounterMetricFamily(
@@ -172,6 +211,7 @@ class DbmtlsCollector(Collector):
             rts,
             lambda rt: rt.stats.app_protocol_errors,
         )
+        yield from _resumption(rts)
         yield from _certificates(rts, self.control.reload_counts)
         yield from _readiness(rts)
         yield from _durations(rts)

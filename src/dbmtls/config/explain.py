@@ -55,6 +55,7 @@ TLS_DEFAULTS = {
     "tls.insecureSkipVerify": "false: the server's chain and name are verified",
     "tls.minProtocolVersion": "TLSV1_2",
     "tls.maxProtocolVersion": "none: the highest both sides support",
+    "tls.sessionResumption": "true: sessions are resumed, per identity and server name",
 }
 
 

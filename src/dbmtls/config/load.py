@@ -54,10 +54,20 @@ _TOP_LEVEL = {
     "overrides",
     "credentialsDir",
 }
-_OVERRIDE_FIELDS = {"listen", "address", "dial", "allowRemoteClients", "maxConnections", "idleTimeout", "tls"}
+_OVERRIDE_FIELDS = {
+    "listen",
+    "address",
+    "dial",
+    "allowRemoteClients",
+    "maxConnections",
+    "idleTimeout",
+    "preconnect",
+    "tls",
+}
 # An override may repoint the certificate files of a database (one from a DestinationRule
-# whose paths are those of the pod, say), never weaken how the server is verified.
-_OVERRIDE_TLS_FIELDS = {"clientCertificate", "privateKey", "caCertificates"}
+# whose paths are those of the pod, say), never weaken how the server is verified
+# (sessionResumption does not: resumed connections are name-checked, docs/tls-resumption.md).
+_OVERRIDE_TLS_FIELDS = {"clientCertificate", "privateKey", "caCertificates", "sessionResumption"}
 
 
 def _loc(loc: Iterable[int | str]) -> str:
@@ -475,7 +485,8 @@ def _overrides(doc: dict[str, Any], src: str) -> list[_Override]:
         tls = fields.get("tls")
         if tls is not None and (not isinstance(tls, dict) or set(tls) - _OVERRIDE_TLS_FIELDS):
             raise ConfigError(
-                f"an override may repoint only the certificate files: {', '.join(sorted(_OVERRIDE_TLS_FIELDS))}",
+                "an override may repoint only the certificate files (and set sessionResumption): "
+                f"{', '.join(sorted(_OVERRIDE_TLS_FIELDS))}",
                 source=src,
                 path=f"overrides.{name}.tls",
             )

@@ -126,6 +126,10 @@ class TLSSettings(_Model):
     minProtocolVersion: Literal["TLSV1_2", "TLSV1_3"] = "TLSV1_2"  # noqa: N815
     maxProtocolVersion: Literal["TLSV1_2", "TLSV1_3"] | None = None  # noqa: N815
     userCertificates: dict[str, UserCertificate] = Field(default_factory=dict)  # noqa: N815
+    # Offer the server the session of an earlier connection (TLS 1.3 tickets, TLS 1.2 session
+    # ids), kept per identity and server name only (docs/tls-resumption.md).  What every TLS
+    # client library does by default; false: a full handshake every time.
+    sessionResumption: bool = True  # noqa: N815
 
     @model_validator(mode="after")
     def _check(self) -> TLSSettings:
@@ -146,6 +150,24 @@ class TLSSettings(_Model):
         if self.maxProtocolVersion == "TLSV1_2" and self.minProtocolVersion == "TLSV1_3":
             raise FieldError("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
         return self
+
+
+class PreconnectSettings(_Model):
+    """Upstream connections kept handshaken ahead of the app connections that will use them
+    (docs/tls-resumption.md): TLS is up, nothing of the app's has been sent."""
+
+    # How many to keep ready; 0 (the default): none, every app connection dials its own.
+    connections: int = Field(default=0, ge=0, le=64)
+    # How long one may wait before it is replaced by a fresh one: keep it below the server's
+    # idle timeouts (Redis timeout, PostgreSQL authentication_timeout 60s), or the app gets
+    # a connection the server is about to close.
+    maxIdle: Duration = 30.0  # noqa: N815
+
+
+# Protocols whose upstream can be made ready before the app connects: TLS from the first byte,
+# no user chosen before TLS.  MySQL cannot (the server greets first with a per-connection nonce
+# the app must answer); PostgreSQL's StartupMessage picks the user, see docs/tls-resumption.md.
+PRECONNECT_PROTOCOLS = ("redis", "mongodb", "tcp")
 
 
 class DatabaseConfig(_Model):
@@ -170,6 +192,7 @@ class DatabaseConfig(_Model):
     # Where a DestinationRule or an override asked to dial somewhere other than the
     # verified name: the TLS names stay those of ``address``.
     dial: str | None = None
+    preconnect: PreconnectSettings = PreconnectSettings()
 
     @field_validator("protocol")
     @classmethod
@@ -211,6 +234,15 @@ class DatabaseConfig(_Model):
             raise FieldError("directTls", f"directTls applies to {which} only (TLS from the first byte)")
         if self.tls.userCertificates and not self.spec.user_before_tls:
             raise FieldError("tls.userCertificates", "needs a protocol that names the user before TLS")
+        if self.preconnect.connections and self.protocol not in PRECONNECT_PROTOCOLS:
+            raise FieldError(
+                "preconnect.connections",
+                f"preconnect applies to {', '.join(PRECONNECT_PROTOCOLS)} only (TLS from the first byte): "
+                f"{self.protocol} chooses the identity or answers the server before TLS "
+                "(docs/tls-resumption.md)",
+            )
+        if self.preconnect.connections and self.tls.mode == "DISABLE":
+            raise FieldError("preconnect.connections", "preconnect keeps TLS connections ready; tls.mode is DISABLE")
         return self
 
     @property

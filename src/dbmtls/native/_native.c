@@ -142,7 +142,7 @@ static int Context_init(ContextObject *self, PyObject *args, PyObject *kw) {
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_read_buffer_len(ctx, BATCH);
     SSL_CTX_set_default_passwd_cb(ctx, no_passphrase);
-    /* the client keeps no sessions: each connection is a fresh handshake, as in tls/context.py */
+    /* no sessions kept unless Context.enable_sessions() (tls.sessionResumption) turns the cache on */
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     if (seclevel >= 0) SSL_CTX_set_security_level(ctx, seclevel);
     if (ok && ciphers && !SSL_CTX_set_cipher_list(ctx, ciphers)) { ok = 0; failed = "cipher list"; }
@@ -217,10 +217,212 @@ static PyObject *Context_settings(ContextObject *self, PyObject *unused) {
                          (Py_ssize_t)sk_X509_OBJECT_num(X509_STORE_get0_objects(SSL_CTX_get_cert_store(c))));
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Session resumption (docs/tls-resumption.md): a bounded cache of client sessions on the twin
+ * SSL_CTX, so per identity (each client certificate has its own context), and inside it per
+ * server name.  OpenSSL would resume a session under another SNI name and verifies nothing on a
+ * resumed connection, so the key is what keeps a session from being offered on behalf of
+ * another identity or to another name, and the name is checked again on resumed connections
+ * (sess_check_resumed).  A reload builds new contexts: the old sessions go with the old SSL_CTX
+ * (ex_data free callback), never offered with a new certificate.  Workers share the context, so
+ * the cache has its own lock; it is taken once per handshake and once per ticket, never per record.
+ */
+#define SESS_PER_NAME 4
+
+typedef struct sess_name {
+    struct sess_name *next;
+    char *name;
+    SSL_SESSION *s[SESS_PER_NAME]; /* oldest first */
+    int n;
+    int64_t backoff_until; /* ms (now_ms): no session is offered to this name before then */
+} sess_name_t;
+
+typedef struct {
+    pthread_mutex_t lock;
+    sess_name_t *names;
+} sess_cache_t;
+
+static int sess_cache_idx = -1; /* SSL_CTX ex_data index, made at module init */
+static int64_t now_ms(void);
+
+static void sess_cache_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    sess_cache_t *cache = ptr;
+    if (!cache) return;
+    for (sess_name_t *e = cache->names, *next; e; e = next) {
+        next = e->next;
+        for (int i = 0; i < e->n; i++) SSL_SESSION_free(e->s[i]);
+        free(e->name);
+        free(e);
+    }
+    pthread_mutex_destroy(&cache->lock);
+    free(cache);
+}
+
+static sess_cache_t *sess_cache_of(SSL_CTX *ctx) {
+    return ctx && sess_cache_idx >= 0 ? SSL_CTX_get_ex_data(ctx, sess_cache_idx) : NULL;
+}
+
+/* With the lock held.  NULL if absent and `create` is 0, or without memory. */
+static sess_name_t *sess_entry(sess_cache_t *cache, const char *name, int create) {
+    for (sess_name_t *e = cache->names; e; e = e->next)
+        if (strcmp(e->name, name) == 0) return e;
+    if (!create) return NULL;
+    sess_name_t *e = calloc(1, sizeof *e);
+    if (!e || !(e->name = strdup(name))) {
+        free(e);
+        return NULL;
+    }
+    e->next = cache->names;
+    cache->names = e;
+    return e;
+}
+
+static void sess_drop_all(sess_name_t *e) {
+    for (int i = 0; i < e->n; i++) SSL_SESSION_free(e->s[i]);
+    e->n = 0;
+}
+
+/* OpenSSL's new-session callback (client cache mode): each ticket (TLS 1.3) or session (1.2)
+ * the server gives is kept for the next connection of this identity to this name.  The SSL's
+ * app data is its connection's server name (sess_offer).  Returns 1 when the cache keeps
+ * OpenSSL's reference. */
+static int sess_new_cb(SSL *ssl, SSL_SESSION *sess) {
+    const char *name = SSL_get_app_data(ssl);
+    sess_cache_t *cache = sess_cache_of(SSL_get_SSL_CTX(ssl));
+    if (!cache || !name || !SSL_SESSION_is_resumable(sess)) return 0;
+    int kept = 0;
+    pthread_mutex_lock(&cache->lock);
+    sess_name_t *e = sess_entry(cache, name, 1);
+    if (e && e->backoff_until <= now_ms()) {
+        if (e->n == SESS_PER_NAME) { /* bounded: the oldest goes */
+            SSL_SESSION_free(e->s[0]);
+            memmove(e->s, e->s + 1, (SESS_PER_NAME - 1) * sizeof e->s[0]);
+            e->n--;
+        }
+        e->s[e->n++] = sess;
+        kept = 1;
+    }
+    pthread_mutex_unlock(&cache->lock);
+    return kept;
+}
+
+/* Before SSL_connect: offer the newest session this identity has for `name`, taking it out (a
+ * TLS 1.3 ticket is single use).  Returns whether one was offered. */
+static int sess_offer(SSL *ssl, const char *name) {
+    sess_cache_t *cache = sess_cache_of(SSL_get_SSL_CTX(ssl));
+    if (!cache || !name || !name[0]) return 0;
+    SSL_set_app_data(ssl, (void *)name); /* for sess_new_cb; the name outlives the SSL (conn_t) */
+    SSL_SESSION *sess = NULL;
+    time_t now = time(NULL);
+    pthread_mutex_lock(&cache->lock);
+    sess_name_t *e = sess_entry(cache, name, 0);
+    if (e && e->backoff_until <= now_ms()) {
+        while (e->n > 0 && !sess) {
+            SSL_SESSION *s = e->s[--e->n];
+            if (SSL_SESSION_get_time(s) + SSL_SESSION_get_timeout(s) > now) sess = s;
+            else SSL_SESSION_free(s);
+        }
+    }
+    pthread_mutex_unlock(&cache->lock);
+    if (!sess) return 0;
+    int ok = SSL_set_session(ssl, sess); /* takes its own reference */
+    SSL_SESSION_free(sess);
+    return ok == 1;
+}
+
+/* After a resumed handshake: the host name (or address) must still be in the certificate the
+ * session carries.  OpenSSL does not verify on resumption; the session came from this name's
+ * own cache entry, and this check makes sure it can never be what lets a name through. */
+static int sess_check_resumed(SSL *ssl, const char *name) {
+    if (!SSL_session_reused(ssl) || !name || !name[0]) return 1;
+    X509 *peer = SSL_get0_peer_certificate(ssl);
+    if (!peer) return 0;
+    unsigned char addr[16];
+    int is_ip = inet_pton(AF_INET, name, addr) == 1 || inet_pton(AF_INET6, name, addr) == 1;
+    if (is_ip) return X509_check_ip_asc(peer, name, 0) == 1;
+    return X509_check_host(peer, name, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1;
+}
+
+/* Context.enable_sessions(): keep the sessions servers give (tls.sessionResumption). */
+static PyObject *Context_enable_sessions(ContextObject *self, PyObject *unused) {
+    (void)unused;
+    if (!self->ctx || sess_cache_idx < 0) return raise_openssl("no context");
+    if (sess_cache_of(self->ctx)) Py_RETURN_NONE;
+    sess_cache_t *cache = calloc(1, sizeof *cache);
+    if (!cache) return PyErr_NoMemory();
+    pthread_mutex_init(&cache->lock, NULL);
+    if (!SSL_CTX_set_ex_data(self->ctx, sess_cache_idx, cache)) {
+        sess_cache_free(NULL, cache, NULL, 0, 0, NULL);
+        return raise_openssl("SSL_CTX_set_ex_data");
+    }
+    /* the client side of the cache, without OpenSSL's own store: sess_new_cb keeps them */
+    SSL_CTX_set_session_cache_mode(self->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(self->ctx, sess_new_cb);
+    Py_RETURN_NONE;
+}
+
+/* Context.refuse_sessions(name, ms): a handshake offering a session to `name` failed; drop its
+ * sessions and offer none for `ms` milliseconds (the server may not resume at all). */
+static PyObject *Context_refuse_sessions(ContextObject *self, PyObject *args) {
+    const char *name;
+    long long ms;
+    if (!PyArg_ParseTuple(args, "sL", &name, &ms)) return NULL;
+    sess_cache_t *cache = sess_cache_of(self->ctx);
+    if (!cache) Py_RETURN_NONE;
+    pthread_mutex_lock(&cache->lock);
+    sess_name_t *e = sess_entry(cache, name, 1);
+    if (e) {
+        sess_drop_all(e);
+        e->backoff_until = now_ms() + ms;
+    }
+    pthread_mutex_unlock(&cache->lock);
+    Py_RETURN_NONE;
+}
+
+/* Context.cached_sessions(name) -> int: how many sessions are kept for `name` (tests, metrics). */
+static PyObject *Context_cached_sessions(ContextObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    sess_cache_t *cache = sess_cache_of(self->ctx);
+    long n = 0;
+    if (cache) {
+        pthread_mutex_lock(&cache->lock);
+        sess_name_t *e = sess_entry(cache, name, 0);
+        n = e ? e->n : 0;
+        pthread_mutex_unlock(&cache->lock);
+    }
+    return PyLong_FromLong(n);
+}
+
+/* Context._copy_sessions(src, dst): put the sessions kept for `src` under `dst` too.  For tests
+ * only: it makes the mistake the cache's key prevents, to show the name check on resumed
+ * connections catches it. */
+static PyObject *Context_copy_sessions(ContextObject *self, PyObject *args) {
+    const char *src, *dst;
+    if (!PyArg_ParseTuple(args, "ss", &src, &dst)) return NULL;
+    sess_cache_t *cache = sess_cache_of(self->ctx);
+    long n = 0;
+    if (cache) {
+        pthread_mutex_lock(&cache->lock);
+        sess_name_t *from = sess_entry(cache, src, 0), *to = sess_entry(cache, dst, 1);
+        for (int i = 0; from && to && i < from->n && to->n < SESS_PER_NAME; i++, n++) {
+            SSL_SESSION_up_ref(from->s[i]);
+            to->s[to->n++] = from->s[i];
+        }
+        pthread_mutex_unlock(&cache->lock);
+    }
+    return PyLong_FromLong(n);
+}
+
 static PyMethodDef Context_methods[] = {
     {"leaf_der", (PyCFunction)Context_leaf_der, METH_NOARGS, "DER of the client certificate, or None."},
     {"ciphers", (PyCFunction)Context_ciphers, METH_NOARGS, "Names of the configured cipher suites, in order."},
     {"settings", (PyCFunction)Context_settings, METH_NOARGS, "The settings OpenSSL holds (for tests)."},
+    {"enable_sessions", (PyCFunction)Context_enable_sessions, METH_NOARGS, "Keep sessions for resumption."},
+    {"refuse_sessions", (PyCFunction)Context_refuse_sessions, METH_VARARGS, "Back off from resuming with a name."},
+    {"cached_sessions", (PyCFunction)Context_cached_sessions, METH_VARARGS, "Sessions kept for a name."},
+    {"_copy_sessions", (PyCFunction)Context_copy_sessions, METH_VARARGS, "For tests: copy a name's sessions."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -287,6 +489,7 @@ struct conn {
     unsigned check_host : 1;
     unsigned want_peer_cert : 1;
     unsigned idled : 1;
+    unsigned offered : 1; /* a cached session was offered (session resumption, sess_offer) */
     int state;
     int relay_called; /* Python's alone: not a bit field, which would share a word with the worker's */
     SSL_CTX *ctx; /* NULL: plain TCP toward the server (tls.mode DISABLE) */
@@ -334,6 +537,7 @@ typedef struct event {
     int idled;
     uint64_t from_app, from_up;
     size_t held; /* EV_LOST: server bytes held for the app */
+    int resumed, offered; /* EV_HANDSHAKE: the session was resumed / one was offered */
 } event_t;
 
 struct worker {
@@ -580,6 +784,7 @@ static void handshake_failed(conn_t *c) {
     event_t *ev = new_event(c, EV_HANDSHAKE);
     if (ev) {
         ev->ok = 0;
+        ev->offered = c->offered;
         ev->err = c->err;
         post(c->w->e, ev);
     }
@@ -589,13 +794,23 @@ static void handshake_failed(conn_t *c) {
 }
 
 static void handshake_done(conn_t *c) {
+    if (c->ssl && c->check_host && !sess_check_resumed(c->ssl, c->server_name)) {
+        memset(&c->err, 0, sizeof c->err);
+        c->err.kind = E_VERIFY;
+        c->err.code = X509_V_ERR_HOSTNAME_MISMATCH;
+        snprintf(c->err.text, sizeof c->err.text, "%s", X509_verify_cert_error_string(c->err.code));
+        handshake_failed(c);
+        return;
+    }
     c->handshaken = 1;
     c->state = ST_READY;
     run_later(c); /* what came with the server's last flight (tickets, an alert) */
     event_t *ev = new_event(c, EV_HANDSHAKE);
     if (!ev) return;
     ev->ok = 1;
+    ev->offered = c->offered;
     if (c->ssl) {
+        ev->resumed = SSL_session_reused(c->ssl);
         snprintf(ev->version, sizeof ev->version, "%s", SSL_get_version(c->ssl));
         const char *cipher = SSL_get_cipher_name(c->ssl);
         snprintf(ev->cipher, sizeof ev->cipher, "%s", cipher ? cipher : "");
@@ -662,6 +877,7 @@ static int conn_setup_tls(conn_t *c) {
         }
     }
     SSL_set_connect_state(c->ssl);
+    c->offered = sess_offer(c->ssl, c->server_name);
     return 0;
 }
 
@@ -1660,8 +1876,9 @@ static PyObject *Engine_events(EngineObject *self, PyObject *unused) {
             if (ev->kind == EV_HANDSHAKE) {
                 PyObject *der = ev->der ? PyBytes_FromStringAndSize((const char *)ev->der, ev->derlen)
                                         : (Py_INCREF(Py_None), Py_None);
-                item = Py_BuildValue("(KsNssNN)", (unsigned long long)ev->id, "handshake",
-                                     PyBool_FromLong(ev->ok), ev->version, ev->cipher, der, err);
+                item = Py_BuildValue("(KsNssNNNN)", (unsigned long long)ev->id, "handshake",
+                                     PyBool_FromLong(ev->ok), ev->version, ev->cipher, der, err,
+                                     PyBool_FromLong(ev->resumed), PyBool_FromLong(ev->offered));
             } else if (ev->kind == EV_EARLY) {
                 item = Py_BuildValue("(KsN)", (unsigned long long)ev->id, "early", err);
             } else if (ev->kind == EV_DATA) {
@@ -1987,6 +2204,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     NativeError = PyErr_NewException("dbmtls._native.Error", PyExc_ValueError, NULL);
+    sess_cache_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, sess_cache_free);
     Py_INCREF(&ContextType);
     Py_INCREF(&EngineType);
     Py_INCREF(&ConnType);

@@ -31,11 +31,13 @@ from types import ModuleType
 from typing import Any
 
 from dbmtls.errors import UpstreamProtocolError
+from dbmtls.logs import LOG
 from dbmtls.native.tls import twin_of
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer, Side
 from dbmtls.proxy.runtime import Conn
 from dbmtls.tls.context import check_peer_names, needs_name_check
+from dbmtls.tls.resume import BACKOFF, ResumptionRefused, refused_resumption
 
 # error kinds of the extension (_native.c, errinfo_t)
 _E_OS, _E_SSL, _E_VERIFY, _E_EOF, _E_SILENT = 1, 2, 3, 4, 5
@@ -106,6 +108,8 @@ class _Handshake:
     cipher: str
     der: bytes | None
     err: tuple[int, int, str, str, str]
+    resumed: bool = False  # a session was resumed (docs/tls-resumption.md)
+    offered: bool = False  # a cached session was offered
 
 
 class NativePlane:
@@ -144,8 +148,7 @@ class NativePlane:
                 continue
             kind = event[1]
             if kind == "handshake":
-                _, _, ok, version, cipher, der, err = event
-                link._handshake_done(_Handshake(ok, version, cipher, der, err))
+                link._handshake_done(_Handshake(*event[2:]))
             elif kind == "early":
                 link._early(event[2])
             elif kind == "lost":
@@ -162,16 +165,37 @@ class NativePlane:
     # --- what sessions call ------------------------------------------------------------------
 
     async def dial(self, conn: Conn, user: str | None = None) -> NativeUpstream:
-        """TCP connect (the Dialer's), then the TLS handshake in a native worker."""
+        """TCP connect (the Dialer's), then the TLS handshake in a native worker.
+
+        As ``Dialer.dial``: a handshake that offered a session and failed is tried once more,
+        on a new connection, without one (nothing of the app's was sent yet).
+        """
+        try:
+            return await self._dial_once(conn, user)
+        except ResumptionRefused:
+            LOG.info(
+                "the server refused a resumed TLS session; retrying without one "
+                f"(no session is offered to it for {BACKOFF:g}s)",
+                extra={"fields": {"db": conn.rt.name, "upstream": _target(conn)}},
+            )
+            return await self._dial_once(conn, user)
+
+    async def _dial_once(self, conn: Conn, user: str | None) -> NativeUpstream:
         ep = await conn.rt.dialer.connect(conn)
         try:
-            return await self.start_tls(conn, ep, user)
+            return await self._start_tls(conn, ep, user)
         except BaseException:
             ep.abort()
             raise
 
     async def start_tls(self, conn: Conn, ep: Endpoint, user: str | None = None) -> NativeUpstream:
         """``Dialer.start_tls`` on the native plane: the same checks, timeout and errors."""
+        try:
+            return await self._start_tls(conn, ep, user)
+        except ResumptionRefused as exc:
+            raise exc.error from None
+
+    async def _start_tls(self, conn: Conn, ep: Endpoint, user: str | None) -> NativeUpstream:
         db = conn.rt.db
         dialer = conn.rt.dialer
         ctx = conn.rt.tls.context_for(user)  # fails closed, as in Dialer.start_tls
@@ -200,7 +224,13 @@ class NativePlane:
             up.abort()
             raise
         if not result.ok:
-            raise dialer.failure(conn, _exception(result.err, db.server_name)) from None
+            err = dialer.failure(conn, _exception(result.err, db.server_name))
+            if result.offered and refused_resumption(err):
+                # the cache backs off from this server (tls.resume.SessionCache.refused)
+                twin_of(ctx).refuse_sessions(db.server_name, round(BACKOFF * 1000))
+                conn.rt.stats.tls_resume_refused += 1
+                raise ResumptionRefused(err) from None
+            raise err from None
         if needs_name_check(ctx):
             try:
                 check_peer_names(_PeerCert(result.der), db.verify_names)  # type: ignore[arg-type]
@@ -213,6 +243,9 @@ class NativePlane:
         # interned: a few distinct values, otherwise two new strings per open connection
         conn.tls_version = sys.intern(result.version)
         conn.cipher = sys.intern(result.cipher) if result.cipher else None
+        conn.tls_resumed = result.resumed
+        if result.resumed:
+            conn.rt.stats.tls_resumed += 1
         return up
 
 

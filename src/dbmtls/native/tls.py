@@ -55,7 +55,7 @@ def build_twin(
     verify = ctx.verify_mode == ssl.CERT_REQUIRED
     # TLS 1.2 suites by name, in Python's order (TLS 1.3 suites are OpenSSL's defaults on both)
     ciphers = ":".join(c["name"] for c in ctx.get_ciphers() if c.get("protocol") != "TLSv1.3")
-    return module.Context(
+    twin = module.Context(
         cafile=tls.caCertificates if verify and tls.caCertificates else None,
         default_verify_paths=verify and not tls.caCertificates,
         certfile=cert[0] if cert else None,
@@ -68,6 +68,9 @@ def build_twin(
         security_level=ctx.security_level,
         alpn=alpn_wire(alpn),
     )
+    if tls.sessionResumption:
+        twin.enable_sessions()  # per identity (this context) and server name: docs/tls-resumption.md
+    return twin
 
 
 def twin_of(ctx: ssl.SSLContext) -> Any:

@@ -7,6 +7,7 @@ the byte counts of connections that are still open.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dbmtls.tls.material import ClientTLS
 
 if TYPE_CHECKING:  # dbmtls.native.plane imports this module
     from dbmtls.native.plane import NativePlane, NativeRelay, NativeUpstream
+    from dbmtls.proxy.preconnect import Pool
 
 # Histogram buckets (seconds) for upstream connect and TLS handshake durations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -51,6 +53,14 @@ class Stats:
     app_protocol_errors: int = 0
     connect_seconds: Histogram = field(default_factory=Histogram)
     handshake_seconds: Histogram = field(default_factory=Histogram)
+    # upstream TLS handshakes that resumed a session, and those that offered one the server
+    # refused (docs/tls-resumption.md)
+    tls_resumed: int = 0
+    tls_resume_refused: int = 0
+    # app connections given a pre-handshaken upstream, and pooled connections thrown away
+    # unused (closed by the server, older than preconnect.maxIdle, made before a reload)
+    preconnect_used: int = 0
+    preconnect_discarded: int = 0
 
     def record_failure(self, err: DbmtlsError) -> None:
         if err.reason is Reason.APP_PROTOCOL:
@@ -98,6 +108,8 @@ class DatabaseRuntime:
         # dataPlane native, for a protocol whose session supports it (Proxy sets it): the TLS
         # handshake and the relay run in the native plane's threads (docs/native.md)
         self.native: NativePlane | None = None
+        # preconnect.connections > 0: upstream connections kept handshaken (Proxy starts it)
+        self.pool: Pool | None = None
 
     @property
     def name(self) -> str:
@@ -120,6 +132,10 @@ class Conn:
     relay: Relay | NativeRelay | None = None
     upstream: Endpoint | NativeUpstream | None = None  # the latest server connection, aborted if the session dies
     note: str | None = None  # e.g. "cancel request"
+    tls_resumed: bool = False  # the upstream TLS handshake resumed a session
+    preconnected: bool = False  # the upstream came handshaken from the preconnect pool
+    # the upstream's context and SSL object, to keep its session when it ends (tls.resume)
+    upstream_tls: tuple[ssl.SSLContext, ssl.SSLObject | None] | None = None
     refused: DbmtlsError | None = None  # set at accept when a connection limit is reached
 
     def admit(self) -> None:

@@ -27,9 +27,10 @@ from dbmtls.protocols.spec import ProtocolSpec
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.limits import Admission, Verdict, raise_fd_limit
 from dbmtls.proxy.notice import tell_app
+from dbmtls.proxy.preconnect import Pool
 from dbmtls.proxy.resolver import make_resolver
 from dbmtls.proxy.runtime import Conn, DatabaseRuntime, Session
-from dbmtls.proxy.upstream import Dialer
+from dbmtls.proxy.upstream import Dialer, keep_session
 
 
 def session_class(spec: ProtocolSpec) -> type[Session]:
@@ -185,6 +186,7 @@ class Proxy:
         if self.plane is not None:
             self.plane.start()
         self.load_material()
+        self.start_pools()
         loop = asyncio.get_running_loop()
         for rt in self.runtimes.values():
             listen = rt.db.listen
@@ -228,6 +230,13 @@ class Proxy:
                     }
                 },
             )
+
+    def start_pools(self) -> None:
+        """preconnect: start keeping upstream connections ready (dbmtls.proxy.preconnect)."""
+        for rt in self.runtimes.values():
+            if rt.db.preconnect.connections and rt.tls.enabled:
+                rt.pool = Pool(rt)
+                rt.pool.start()
 
     # --- connections -----------------------------------------------------------------
 
@@ -283,6 +292,7 @@ class Proxy:
                 self.admission.relayed -= 1
                 rt.relayed -= 1
             rt.active.discard(conn)
+            keep_session(conn, replied=False)
             rt.stats.closed += 1
             rt.stats.bytes_from_app += conn.bytes_from_app
             rt.stats.bytes_from_upstream += conn.bytes_from_upstream
@@ -323,6 +333,8 @@ class Proxy:
             "duration": f"{time.monotonic() - conn.started:.3f}s",
             "tls": conn.tls_version,
             "cipher": conn.cipher,
+            "tls_resumed": conn.tls_resumed if conn.tls_version else None,
+            "preconnected": conn.preconnected or None,
             "note": conn.note,
         }
         if err is None:
@@ -364,6 +376,10 @@ class Proxy:
         active = sum(len(rt.active) for rt in self.runtimes.values())
         LOG.info("draining", extra={"fields": {"open_connections": active, "timeout": f"{grace:g}s"}})
         await self.close_listeners()
+        for rt in self.runtimes.values():
+            if rt.pool is not None:
+                await rt.pool.close()
+                rt.pool = None
         if self._tasks:
             _done, pending = await asyncio.wait(list(self._tasks), timeout=grace)
             if pending:

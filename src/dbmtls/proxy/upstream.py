@@ -23,11 +23,13 @@ import sys
 import time
 
 from dbmtls.errors import DbmtlsError, PlaintextRefused, UpstreamError, UpstreamProtocolError
+from dbmtls.logs import LOG
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer
 from dbmtls.proxy.resolver import DirectResolver, is_ip_literal
 from dbmtls.proxy.runtime import Conn
 from dbmtls.tls.context import check_peer_names, classify, needs_name_check
+from dbmtls.tls.resume import BACKOFF, OFFER, Offer, ResumptionRefused, cache_of, harvest, refused_resumption
 
 
 def target(conn: Conn) -> str:
@@ -41,6 +43,15 @@ def _first_or_all(errors: list[OSError], hosts: tuple[str, ...]) -> OSError:
     if len(errors) == 1 or all(type(e) is type(errors[0]) for e in errors):
         return errors[0]
     return OSError(", ".join(f"{h}: {e.strerror or e}" for h, e in zip(hosts, errors, strict=False)))
+
+
+def keep_session(conn: Conn, *, replied: bool) -> None:
+    """Keep the connection's upstream TLS session for the next one (``tls.resume``), once: when
+    the server's first reply was relayed (``replied``), or else when the connection ends."""
+    if conn.upstream_tls is not None:
+        ctx, sslobj = conn.upstream_tls
+        conn.upstream_tls = None
+        harvest(ctx, conn.rt.db.server_name, sslobj, replied=replied)
 
 
 class Dialer:
@@ -89,6 +100,7 @@ class Dialer:
     async def open(self, conn: Conn, ep: Endpoint, host: str) -> None:
         """One TCP connection to ``host``: ``ep`` gets ``connection_made``.  Raises what the OS says."""
         _, port = conn.rt.db.dial_target
+        OFFER.set(Offer())  # this connection's, shared with its transport's context (tls.resume)
         await asyncio.get_running_loop().create_connection(lambda: ep, host, port)
 
     async def open_any(self, conn: Conn, ep: Endpoint, hosts: tuple[str, ...]) -> None:
@@ -103,26 +115,45 @@ class Dialer:
                 return
         raise _first_or_all(errors, hosts)
 
-    async def handshake(self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext) -> ssl.SSLObject | None:
-        """The TLS handshake itself, on ``ep``'s transport; raises what OpenSSL says."""
+    async def handshake(
+        self, conn: Conn, ep: Endpoint, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+    ) -> ssl.SSLObject | None:
+        """The TLS handshake itself, on ``ep``'s transport; raises what OpenSSL says.
+
+        ``session``: offered to the server (``dbmtls.tls.resume`` says how it reaches OpenSSL).
+        """
         db = conn.rt.db
         assert ep.transport is not None
-        transport = await asyncio.get_running_loop().start_tls(
-            ep.transport,
-            ep,
-            ctx,
-            server_side=False,
-            server_hostname=db.server_name,
-            # a backstop, later than our own timeout (see start_tls)
-            ssl_handshake_timeout=db.handshakeTimeout + 5.0,
-        )
+        offer = OFFER.get()
+        if offer is not None:
+            offer.session = session
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                ep.transport,
+                ep,
+                ctx,
+                server_side=False,
+                server_hostname=db.server_name,
+                # a backstop, later than our own timeout (see start_tls)
+                ssl_handshake_timeout=db.handshakeTimeout + 5.0,
+            )
+        finally:
+            if offer is not None:
+                offer.session = None
         if transport is None:
             raise ConnectionResetError("connection closed during the TLS handshake")
         ep.transport = transport
         ep.tls = True
         sslobj: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-        if needs_name_check(ctx):
+        resumed = sslobj is not None and sslobj.session_reused
+        # A resumed handshake verifies nothing: OpenSSL checks no host name on resumption
+        # (check_hostname is not re-done either).  The session came from this identity's cache
+        # for this very name, and the names are checked here again all the same, on the
+        # certificate the session carries: a session must never be what lets a name through.
+        if needs_name_check(ctx) or (resumed and ctx.verify_mode == ssl.CERT_REQUIRED):
             check_peer_names(sslobj, db.verify_names)
+        conn.tls_resumed = resumed
+        conn.upstream_tls = (ctx, sslobj)
         return sslobj
 
     async def connect(self, conn: Conn) -> Endpoint:
@@ -157,6 +188,14 @@ class Dialer:
 
     async def start_tls(self, conn: Conn, ep: Endpoint, user: str | None = None) -> None:
         """Upgrade ``ep`` to TLS with the identity for ``user``.  No-op when TLS is disabled."""
+        try:
+            await self._start_tls(conn, ep, user)
+        except ResumptionRefused as exc:
+            # in-band protocols (MySQL): the app already answered this server, no retry; the
+            # backoff spares the next connections
+            raise exc.error from None
+
+    async def _start_tls(self, conn: Conn, ep: Endpoint, user: str | None) -> None:
         db = conn.rt.db
         ctx = conn.rt.tls.context_for(user)
         if ctx is None:
@@ -168,12 +207,15 @@ class Dialer:
             raise UpstreamProtocolError(
                 f"server {target(conn)} sent unencrypted data before the TLS handshake (possible man-in-the-middle)"
             )
+        cache = cache_of(ctx)
+        # only a connection made by Dialer.open carries an Offer (tls.resume)
+        session = cache.take(db.server_name) if cache is not None and OFFER.get() is not None else None
         started = time.monotonic()
         try:
             # Our own timeout: the event loop's ssl_handshake_timeout surfaces as a
             # ConnectionAbortedError, indistinguishable from a peer that hung up.
             async with asyncio.timeout(db.handshakeTimeout):
-                sslobj = await self.handshake(conn, ep, ctx)
+                sslobj = await self.handshake(conn, ep, ctx, session)
         except DbmtlsError:
             ep.abort()
             raise
@@ -185,8 +227,17 @@ class Dialer:
             ) from None
         except Exception as exc:
             ep.abort()
-            raise self.failure(conn, exc) from None
+            err = self.failure(conn, exc)
+            if session is not None and cache is not None and refused_resumption(err):
+                cache.refused(db.server_name)
+                conn.rt.stats.tls_resume_refused += 1
+                raise ResumptionRefused(err) from exc
+            raise err from None
         conn.rt.stats.handshake_seconds.observe(time.monotonic() - started)
+        if conn.tls_resumed:
+            conn.rt.stats.tls_resumed += 1
+        elif session is not None and cache is not None:
+            cache.not_resumed(db.server_name, session)
         if sslobj is not None:
             # interned: a few distinct values, otherwise two new strings per open connection
             version = sslobj.version()
@@ -195,10 +246,27 @@ class Dialer:
             conn.cipher = sys.intern(cipher[0]) if cipher else None
 
     async def dial(self, conn: Conn, user: str | None = None) -> Endpoint:
-        """TCP connect + TLS (the TLS-first protocols)."""
+        """TCP connect + TLS (the TLS-first protocols).
+
+        A handshake that offered a session and failed is tried once more on a new connection,
+        without one (the cache now backs off from that server): nothing of the app's was sent,
+        so the retry is invisible to it.  The in-band protocols call ``start_tls`` themselves
+        and get the error (``ResumptionRefused`` is an ``UpstreamError`` like the others).
+        """
+        try:
+            return await self._dial_once(conn, user)
+        except ResumptionRefused:
+            LOG.info(
+                "the server refused a resumed TLS session; retrying without one "
+                f"(no session is offered to it for {BACKOFF:g}s)",
+                extra={"fields": {"db": conn.rt.name, "upstream": target(conn)}},
+            )
+            return await self._dial_once(conn, user)
+
+    async def _dial_once(self, conn: Conn, user: str | None) -> Endpoint:
         ep = await self.connect(conn)
         try:
-            await self.start_tls(conn, ep, user)
+            await self._start_tls(conn, ep, user)
         except BaseException:
             ep.abort()
             raise

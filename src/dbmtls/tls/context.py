@@ -35,6 +35,7 @@ from dbmtls.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from dbmtls.tls.resume import ResumingContext, SessionCache
 
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 
@@ -67,13 +68,18 @@ def build_context(
     alpn: Sequence[str] = (),
 ) -> ssl.SSLContext:
     """Build an SSLContext. Raises ssl.SSLError/OSError on bad material (the caller names the file)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.sessionResumption:
+        # per identity (this context) and server name: see dbmtls.tls.resume
+        ctx: ssl.SSLContext = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.sessions = SessionCache()  # type: ignore[attr-defined]
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.sslobject_class = FastSSLObject
     ctx.minimum_version = _VERSIONS[tls.minProtocolVersion]
     if tls.maxProtocolVersion:
         ctx.maximum_version = _VERSIONS[tls.maxProtocolVersion]
-    # No session tickets from us to keep: each upstream connection is a fresh handshake
-    # with the current certificate, which is what rotation needs.
+    # Sessions are kept on this context (dbmtls.tls.resume), so a reload, which builds new
+    # contexts, drops them: no connection resumes a session made with an old certificate.
     if tls.insecureSkipVerify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -15,13 +15,19 @@ from dbmtls.native.plane import NativeRelay, NativeUpstream
 from dbmtls.proxy.endpoint import Endpoint
 from dbmtls.proxy.relay import ClosedBeforeAnswer, Relay, Side
 from dbmtls.proxy.runtime import Conn
+from dbmtls.proxy.upstream import keep_session
+from dbmtls.tls.resume import cache_of
 
 # What the sessions talk to the server through: the same calls on both data planes.
 Upstream = Endpoint | NativeUpstream
 
 
 async def dial(conn: Conn, user: str | None = None) -> Endpoint | NativeUpstream:
-    """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols)."""
+    """TCP connect + TLS toward the server, on the database's data plane (TLS-first protocols);
+    or a connection the preconnect pool made ahead (dbmtls.proxy.preconnect)."""
+    pool = conn.rt.pool
+    if pool is not None and user is None and (ready := pool.take(conn)) is not None:
+        return ready
     plane = conn.rt.native
     if plane is None:
         return await conn.rt.dialer.dial(conn, user)
@@ -102,6 +108,7 @@ async def run_relay(
         _settle(conn, up, upstream_pending, watch_upstream)
         return
 
+    watch_upstream = _keeping_session(conn, watch_upstream)
     app_t, app_buf = conn.app.detach()
     up_t, up_buf = up.detach()
     relay = Relay(
@@ -122,6 +129,27 @@ async def run_relay(
         relay.app_eof_before_start()
     await relay.done
     _outcome(conn, relay, late)
+
+
+def _keeping_session(conn: Conn, watch: Callable[[bytes], bool] | None) -> Callable[[bytes], bool] | None:
+    """Keep the upstream TLS session at the server's first bytes (then step aside, or go on
+    with the session's own ``watch``).  A TLS 1.3 server sends its tickets right after the
+    handshake, before any reply: once a reply was read, they have been read too.  Waiting for
+    the connection's end would leave the next connections, opened meanwhile, without one."""
+    if conn.upstream_tls is None or cache_of(conn.upstream_tls[0]) is None:
+        return watch
+    kept = False
+
+    def watching(data: bytes) -> bool:
+        nonlocal kept
+        if not kept and data:
+            kept = True
+            keep_session(conn, replied=True)
+        if watch is not None:
+            return watch(data)
+        return kept
+
+    return watching
 
 
 def _settle(conn: Conn, up: Endpoint, upstream_pending: bytes, watch_upstream: Callable[[bytes], bool] | None) -> None:
