@@ -283,7 +283,7 @@ def _login(port: int, user: str) -> str:
         conn.close()
 
 
-def test_sessions_are_never_resumed_across_identities(pki: PKI, maria: MariaDB, workdir: Path) -> None:
+def test_sessions_are_never_resumed_across_identities(pki: PKI, maria: MariaDB, workdir: Path, data_plane: str) -> None:
     """Two identities toward one server: jinsu (the default certificate) and alice (her own).
     The server checks each login's certificate (REQUIRE SUBJECT refuses any other), and a resumed
     session carries the certificate of the handshake that made it: a session of jinsu's resumed
@@ -297,11 +297,8 @@ def test_sessions_are_never_resumed_across_identities(pki: PKI, maria: MariaDB, 
         "address": f"localhost:{maria.port}",
         "tls": tls_block(pki, userCertificates={"alice": {"clientCertificate": alice.cert, "privateKey": alice.key}}),
     }
-    # The python plane: on the native plane MariaDB does a full handshake on every connection
-    # although a session of the right identity is offered (cause not found yet; Redis resumes
-    # natively). docs/tls-resumption.md says so.
-    with Dbmtls(workdir, {"databases": [db], "dataPlane": "python"}) as proc:
-        on_plane(proc.start(wait_ports=(port,)), "python")
+    with Dbmtls(workdir, {"databases": [db], "dataPlane": data_plane}) as proc:
+        on_plane(proc.start(wait_ports=(port,)), data_plane)
         users = ("jinsu", "jinsu", "alice", "alice", "jinsu")
         assert [_login(port, user) for user in users] == [f"{u}@%" for u in users]
         lines = wait_closed(proc, "maria", 5)

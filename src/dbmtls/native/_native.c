@@ -285,12 +285,17 @@ static void sess_drop_all(sess_name_t *e) {
 
 /* OpenSSL's new-session callback (client cache mode): each ticket (TLS 1.3) or session (1.2)
  * the server gives is kept for the next connection of this identity to this name.  The SSL's
- * app data is its connection's server name (sess_offer).  Returns 1 when the cache keeps
- * OpenSSL's reference. */
+ * app data is its connection's server name (sess_offer).  The cache keeps a copy, never
+ * OpenSSL's own object: in TLS 1.3 the session a ticket arrives in becomes the connection's
+ * current session, and a connection that ends without a clean TLS shutdown (as MariaDB's do
+ * after COM_QUIT) has OpenSSL mark that object not resumable, which silently turned the cached
+ * entry into a full handshake (tests/e2e/test_resumption.py, the identities test, caught it).  Always returns 0: OpenSSL keeps its reference. */
 static int sess_new_cb(SSL *ssl, SSL_SESSION *sess) {
     const char *name = SSL_get_app_data(ssl);
     sess_cache_t *cache = sess_cache_of(SSL_get_SSL_CTX(ssl));
     if (!cache || !name || !SSL_SESSION_is_resumable(sess)) return 0;
+    SSL_SESSION *copy = SSL_SESSION_dup(sess);
+    if (!copy) return 0;
     int kept = 0;
     pthread_mutex_lock(&cache->lock);
     sess_name_t *e = sess_entry(cache, name, 1);
@@ -300,11 +305,12 @@ static int sess_new_cb(SSL *ssl, SSL_SESSION *sess) {
             memmove(e->s, e->s + 1, (SESS_PER_NAME - 1) * sizeof e->s[0]);
             e->n--;
         }
-        e->s[e->n++] = sess;
+        e->s[e->n++] = copy;
         kept = 1;
     }
     pthread_mutex_unlock(&cache->lock);
-    return kept;
+    if (!kept) SSL_SESSION_free(copy);
+    return 0;
 }
 
 /* Before SSL_connect: offer the newest session this identity has for `name`, taking it out (a
@@ -320,7 +326,7 @@ static int sess_offer(SSL *ssl, const char *name) {
     if (e && e->backoff_until <= now_ms()) {
         while (e->n > 0 && !sess) {
             SSL_SESSION *s = e->s[--e->n];
-            if (SSL_SESSION_get_time(s) + SSL_SESSION_get_timeout(s) > now) sess = s;
+            if (SSL_SESSION_is_resumable(s) && SSL_SESSION_get_time(s) + SSL_SESSION_get_timeout(s) > now) sess = s;
             else SSL_SESSION_free(s);
         }
     }
