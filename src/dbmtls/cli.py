@@ -237,7 +237,8 @@ def _check_plane(config: Config, reports: list[dict[str, Any]]) -> list[str]:
         return [f"data plane: python (native asked for, not available: {why})"]
     native = [db.name for db in config.databases if runs_native(db.spec)]
     python = [db.name for db in config.databases if not runs_native(db.spec)]
-    lines = [f"data plane: native ({module.OPENSSL_VERSION}) for {', '.join(native) or 'none'}"]
+    threads = f", {config.nativeThreads} worker threads" if config.nativeThreads > 1 else ""
+    lines = [f"data plane: native ({module.OPENSSL_VERSION}{threads}) for {', '.join(native) or 'none'}"]
     if python:
         lines.append(f"  python for {', '.join(python)}: their session drivers run on the python plane only")
     return lines

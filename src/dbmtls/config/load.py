@@ -49,6 +49,7 @@ _TOP_LEVEL = {
     "dns",
     "drainTimeout",
     "dataPlane",
+    "nativeThreads",
     "certificateExpiryWarning",
     "maxConnections",
     "overrides",

@@ -376,13 +376,17 @@ class Config(_Model):
     log: LogConfig = LogConfig()
     dns: DnsConfig = DnsConfig()
     drainTimeout: Duration = 30.0  # noqa: N815
-    # Who moves the bytes of an established connection (docs/native.md).  python: uvloop's
-    # transports and ssl.SSLObject.  native: the C extension dbmtls._native runs the server-side
-    # native: the TLS handshake, the login's TLS reads and writes, and the relay in native threads,
-    # for every protocol (docs/native.md).  auto (the default): native when the extension was built,
-    # else python, with a log line; python: the asyncio relay.  Asked for explicitly, native that
-    # cannot be had also falls back to python, with a warning.
+    # Who moves the bytes of an established connection (docs/native.md).  native: the C extension
+    # dbmtls._native runs the server-side TLS handshake, the login's TLS reads and writes, and the
+    # relay in native threads, for every protocol.  auto (the default): native when the extension
+    # was built, else python, with a log line.  python: the asyncio relay (uvloop's transports and
+    # ssl.SSLObject).  Asked for explicitly, native that cannot be had also falls back to python,
+    # with a warning.
     dataPlane: Literal["auto", "native", "python"] = "auto"  # noqa: N815
+    # Native worker threads (each its own epoll set; connections are spread round robin and never
+    # move).  One is a sidecar's usual share of a core, like nginx's worker_processes 1; more only
+    # pay when the pod has the cores and a single worker is saturated.
+    nativeThreads: int = Field(default=1, ge=1, le=64)  # noqa: N815
     # At most this many app connections at once in the whole process.  None: as many as the
     # file descriptor limit allows (two descriptors each, some kept for the admin server).
     maxConnections: PositiveInt | None = None  # noqa: N815

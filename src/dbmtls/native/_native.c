@@ -1823,6 +1823,9 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw) {
         worker_t *w = &e->workers[i];
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0) goto fail;
         w->started = 1;
+        char name[16]; /* top(1) -H, /proc/PID/task/TID/comm: which threads are the workers */
+        snprintf(name, sizeof name, "dbmtls-w%u", (unsigned)i % 64u); /* threads <= 64 */
+        pthread_setname_np(w->thread, name);
     }
     self->e = e;
     return 0;

@@ -93,7 +93,7 @@ class Proxy:
         if config.dataPlane != "python":  # native, or auto: native when the extension loads
             module, self.plane_problem = load_native()
             if module is not None:
-                self.plane = NativePlane(module)
+                self.plane = NativePlane(module, threads=config.nativeThreads)
                 for rt in self.runtimes.values():
                     if runs_native(rt.spec):
                         rt.native = self.plane
