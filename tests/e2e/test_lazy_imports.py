@@ -1,7 +1,8 @@
 """``dbmtls run`` loads only what its configuration uses (docs/memory.md).
 
-dnspython (``dns.mode: direct``), prometheus_client (the first ``GET /metrics``) and the admin
-server (an admin listener) are imported where they are used.  Each of these is megabytes of RSS
+dnspython (``dns.mode: direct``), prometheus_client (the first ``GET /metrics``), the admin
+server (an admin listener) and cryptography (a certificate OpenSSL's decoding leaves to it) are
+imported where they are used.  Each of these is megabytes of RSS
 that a sidecar would otherwise carry for its whole life; a module-level import added anywhere on
 the run path would bring one back without any test failing, so this test runs the real process
 with Python's import log (``PYTHONPROFILEIMPORTTIME``) and reads what it imported.  That the lazy paths still work when
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dbmtls.native import load
 from support.certs import PKI
 from support.net import free_port
 from support.proc import Dbmtls, on_plane, tls_block
@@ -25,8 +27,12 @@ from support.redis_server import RedisTLS
 
 pytestmark = pytest.mark.e2e
 
-# Packages the run path of a Redis database with dns.mode system must not import.
-NOT_ON_THE_RUN_PATH = ("dns", "prometheus_client", "dbmtls.admin.metrics")
+# Packages the run path of a Redis database with dns.mode system must not import.  cryptography
+# too, where the native extension is built: OpenSSL decodes the certificates (tls/certfields.py),
+# on either data plane.
+NOT_ON_THE_RUN_PATH = ("dns", "prometheus_client", "dbmtls.admin.metrics") + (
+    ("cryptography",) if load()[0] is not None else ()
+)
 # ... and with the admin listener off, not the admin server either.
 NOT_WITHOUT_ADMIN = ("h11", "dbmtls.admin.server")
 

@@ -2201,9 +2201,163 @@ static PyTypeObject ConnType = {
 };
 
 /* --------------------------------------------------------------------------------------------- */
+/* cert_fields(der): the few fields of a certificate the control plane reads (subject, serial,
+ * validity, subjectAltNames), decoded by the OpenSSL the process has loaded anyway, so that a
+ * running sidecar need not import cryptography (about 10 MiB of RSS: docs/memory.md).  Anything
+ * unusual (a non-string name attribute, a duplicate SAN extension, a time OpenSSL cannot convert)
+ * raises dbmtls._native.Error, and dbmtls/tls/certfields.py then asks cryptography, so the
+ * answers never differ from cryptography's, only the cost.
+ *
+ * Returns (serial_hex, not_before, not_after, subject, sans): times as seconds since the epoch
+ * (UTC), subject as a tuple of RDNs in DER order, each a tuple of (dotted OID, str), sans None
+ * without the extension, else a tuple of ("dns" | "uri", str) and ("ip", packed bytes). */
+
+static PyObject *asn1_time_epoch(const ASN1_TIME *t) {
+    struct tm tm;
+    if (!t || ASN1_TIME_to_tm(t, &tm) != 1) return NULL;
+    return PyLong_FromLongLong((long long)timegm(&tm));
+}
+
+static PyObject *name_rdns(const X509_NAME *name) {
+    int n = X509_NAME_entry_count(name);
+    PyObject *rdns = PyList_New(0), *rdn = NULL;
+    int set = -1;
+    if (!rdns) return NULL;
+    for (int i = 0; i < n; i++) {
+        const X509_NAME_ENTRY *ent = X509_NAME_get_entry(name, i);
+        const ASN1_STRING *val = X509_NAME_ENTRY_get_data(ent);
+        switch (ASN1_STRING_type(val)) {
+        case V_ASN1_UTF8STRING: case V_ASN1_PRINTABLESTRING: case V_ASN1_IA5STRING:
+        case V_ASN1_BMPSTRING: case V_ASN1_UNIVERSALSTRING: case V_ASN1_T61STRING:
+        case V_ASN1_VISIBLESTRING: case V_ASN1_NUMERICSTRING:
+            break;
+        default: /* cryptography shows other types as #hex: leave those to it */
+            goto unusual;
+        }
+        char oid[128];
+        if (OBJ_obj2txt(oid, sizeof oid, X509_NAME_ENTRY_get_object(ent), 1) <= 0) goto unusual;
+        unsigned char *utf8 = NULL;
+        int len = ASN1_STRING_to_UTF8(&utf8, val);
+        if (len < 0) goto unusual;
+        PyObject *pair = Py_BuildValue("(ss#)", oid, (const char *)utf8, (Py_ssize_t)len);
+        OPENSSL_free(utf8);
+        if (!pair) goto fail;
+        if (X509_NAME_ENTRY_set(ent) != set) { /* a new RDN (a SET of attributes) */
+            if (rdn && PyList_Append(rdns, rdn) < 0) goto fail_pair;
+            Py_CLEAR(rdn);
+            if (!(rdn = PyList_New(0))) goto fail_pair;
+            set = X509_NAME_ENTRY_set(ent);
+        }
+        if (PyList_Append(rdn, pair) < 0) goto fail_pair;
+        Py_DECREF(pair);
+        continue;
+    fail_pair:
+        Py_DECREF(pair);
+        goto fail;
+    }
+    if (rdn && PyList_Append(rdns, rdn) < 0) goto fail;
+    Py_XDECREF(rdn);
+    PyObject *out = PyList_AsTuple(rdns);
+    Py_DECREF(rdns);
+    return out; /* the RDNs are lists inside the tuple: read-only use in Python */
+unusual:
+    PyErr_SetString(NativeError, "unusual name attribute");
+fail:
+    Py_XDECREF(rdn);
+    Py_DECREF(rdns);
+    return NULL;
+}
+
+static PyObject *cert_sans(X509 *x) {
+    int crit = -1;
+    GENERAL_NAMES *gens = X509_get_ext_d2i(x, NID_subject_alt_name, &crit, NULL);
+    if (!gens) {
+        if (crit == -1) Py_RETURN_NONE; /* no such extension */
+        PyErr_SetString(NativeError, "subjectAltName extension not decodable or repeated");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out && i < sk_GENERAL_NAME_num(gens); i++) {
+        const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
+        PyObject *item = NULL;
+        if (g->type == GEN_DNS || g->type == GEN_URI) {
+            const ASN1_STRING *v = g->type == GEN_DNS ? g->d.dNSName : g->d.uniformResourceIdentifier;
+            /* IA5String: ASCII; cryptography refuses anything else, so must we */
+            const unsigned char *d = ASN1_STRING_get0_data(v);
+            int len = ASN1_STRING_length(v);
+            for (int k = 0; k < len; k++)
+                if (d[k] > 0x7f) {
+                    PyErr_SetString(NativeError, "non-ASCII subjectAltName");
+                    Py_CLEAR(out);
+                    break;
+                }
+            if (!out) break;
+            item = Py_BuildValue("(ss#)", g->type == GEN_DNS ? "dns" : "uri", (const char *)d, (Py_ssize_t)len);
+        } else if (g->type == GEN_IPADD) {
+            item = Py_BuildValue("(sy#)", "ip", (const char *)ASN1_STRING_get0_data(g->d.iPAddress),
+                                 (Py_ssize_t)ASN1_STRING_length(g->d.iPAddress));
+        } else {
+            continue; /* other kinds (email, directory name, ...) are never matched */
+        }
+        if (!item || PyList_Append(out, item) < 0) Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+    GENERAL_NAMES_free(gens);
+    if (!out) return NULL;
+    PyObject *t = PyList_AsTuple(out);
+    Py_DECREF(out);
+    return t;
+}
+
+static PyObject *mod_cert_fields(PyObject *mod, PyObject *args) {
+    (void)mod;
+    Py_buffer der;
+    if (!PyArg_ParseTuple(args, "y*", &der)) return NULL;
+    const unsigned char *p = der.buf;
+    X509 *x = d2i_X509(NULL, &p, der.len);
+    int whole = x && p == (const unsigned char *)der.buf + der.len;
+    PyBuffer_Release(&der);
+    ERR_clear_error();
+    if (!whole) {
+        X509_free(x);
+        PyErr_SetString(NativeError, "not one DER certificate");
+        return NULL;
+    }
+    PyObject *serial = NULL, *nb = NULL, *na = NULL, *subject = NULL, *sans = NULL, *out = NULL;
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    if (hex) serial = PyUnicode_FromString(hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+    if (!serial) {
+        if (!PyErr_Occurred()) PyErr_SetString(NativeError, "serial number");
+        goto done;
+    }
+    if (!(nb = asn1_time_epoch(X509_get0_notBefore(x))) || !(na = asn1_time_epoch(X509_get0_notAfter(x)))) {
+        if (!PyErr_Occurred()) PyErr_SetString(NativeError, "validity time");
+        goto done;
+    }
+    if (!(subject = name_rdns(X509_get_subject_name(x)))) goto done;
+    if (!(sans = cert_sans(x))) goto done;
+    out = PyTuple_Pack(5, serial, nb, na, subject, sans);
+done:
+    ERR_clear_error();
+    Py_XDECREF(serial);
+    Py_XDECREF(nb);
+    Py_XDECREF(na);
+    Py_XDECREF(subject);
+    Py_XDECREF(sans);
+    X509_free(x);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"cert_fields", mod_cert_fields, METH_VARARGS, "Serial, validity, subject and SANs of a DER certificate."},
+    {NULL, NULL, 0, NULL},
+};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "dbmtls._native", "dbmtls's native data plane (docs/native.md).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "dbmtls._native", "dbmtls's native data plane (docs/native.md).", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -20,10 +20,9 @@ import ssl
 from types import ModuleType
 from typing import Any
 
-from cryptography import x509
-
 from dbmtls.config.model import DatabaseConfig
 from dbmtls.errors import ConfigError
+from dbmtls.tls.certfields import load_der
 from dbmtls.tls.material import ClientTLS, Material
 
 _ATTR = "_dbmtls_native_context"
@@ -115,9 +114,9 @@ def _same_leaf(twin: Any, cert_path: str, material: Material, yaml_path: str) ->
     written in between.  A mismatch fails this load; the reloader sees the changed files and
     loads both again."""
     der = twin.leaf_der()
-    leaf = x509.load_der_x509_certificate(der) if der else None
+    leaf = load_der(der) if der else None
     for info in material.certs:
-        same = leaf is not None and (leaf.serial_number, leaf.not_valid_after_utc) == (info.serial, info.not_after)
+        same = leaf is not None and (leaf.serial, leaf.not_after) == (info.serial, info.not_after)
         if info.kind == "client" and info.path == cert_path and same:
             return
     raise ConfigError(

@@ -20,8 +20,6 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from cryptography import x509
-
 from dbmtls.config.model import TLSSettings
 from dbmtls.errors import (
     CertificateExpired,
@@ -35,6 +33,7 @@ from dbmtls.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from dbmtls.tls.certfields import subject_alt_names
 from dbmtls.tls.resume import ResumingContext, SessionCache
 
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
@@ -117,14 +116,10 @@ def _dns_match(pattern: str, name: str) -> bool:
 
 def match_names(der: bytes, wanted: Sequence[str]) -> bool:
     """True if the certificate carries one of ``wanted`` as a DNS, IP or URI SAN."""
-    cert = x509.load_der_x509_certificate(der)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    san = subject_alt_names(der)
+    if san is None:
         return False
-    dns = san.get_values_for_type(x509.DNSName)
-    ips = san.get_values_for_type(x509.IPAddress)
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    dns, ips, uris = san.dns, san.ips, san.uris
     for name in wanted:
         try:
             ip = ipaddress.ip_address(name)

@@ -27,10 +27,9 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cryptography import x509
-
 from dbmtls.config.model import DatabaseConfig
 from dbmtls.errors import ConfigError, IdentityError, TLSHandshakeError
+from dbmtls.tls.certfields import CertFields, load_pem
 from dbmtls.tls.context import EncryptedKey, build_context
 
 
@@ -92,7 +91,7 @@ class Attempt:
     error: ConfigError | None
 
 
-def _read_certs(path: str, what: str, yaml_path: str) -> list[x509.Certificate]:
+def _read_certs(path: str, what: str, yaml_path: str) -> list[CertFields]:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -101,7 +100,7 @@ def _read_certs(path: str, what: str, yaml_path: str) -> list[x509.Certificate]:
     except OSError as exc:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}", path=yaml_path) from None
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        certs = load_pem(data)  # OpenSSL's decoding where built, else cryptography's (certfields.py)
     except ValueError:
         certs = []
     if not certs:
@@ -132,8 +131,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _info(kind: str, path: str, cert: x509.Certificate) -> CertInfo:
-    return CertInfo(kind, path, cert.subject.rfc4514_string(), cert.serial_number, cert.not_valid_after_utc)
+def _info(kind: str, path: str, cert: CertFields) -> CertInfo:
+    return CertInfo(kind, path, cert.subject, cert.serial, cert.not_after)
 
 
 def _in_kubernetes_volume(path: str) -> bool:
@@ -230,12 +229,12 @@ class ClientTLS:
         default: ssl.SSLContext | None = None
         for who, cert_path, key_path, yaml_path in pairs:
             leaf = _read_certs(cert_path, "client certificate", f"{yaml_path}.clientCertificate")[0]
-            if leaf.not_valid_after_utc <= now:
+            if leaf.not_after <= now:
                 raise ConfigError(
-                    f"client certificate {cert_path} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z",
+                    f"client certificate {cert_path} expired at {leaf.not_after:%Y-%m-%d %H:%M:%S}Z",
                     path=f"{yaml_path}.clientCertificate",
                 )
-            if (not_before := leaf.not_valid_before_utc) > now:
+            if (not_before := leaf.not_before) > now:
                 raise CertificateNotYetValid(
                     f"client certificate {cert_path} is not valid before {not_before:%Y-%m-%d %H:%M:%S}Z",
                     not_before=not_before,
