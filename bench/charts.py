@@ -42,6 +42,7 @@ COLORS = {
     "dbmtls": "#d9480f",  # the highlighted bars
     "relay": "#4c6ef5",
     "pooler": "#7048e8",
+    "passthrough": "#74c0fc",  # a relay copying the client's TLS bytes: the floor of any relay
     "direct": "#868e96",
     "plaintext": "#ced4da",
     "other": "#adb5bd",
@@ -181,6 +182,7 @@ KIND_LABELS = {
     "dbmtls": "dbmtls",
     "relay": "relays",
     "pooler": "pooler",
+    "passthrough": "L4 passthrough (copies the client's TLS: no TLS work)",
     "direct": "direct TLS (the client does TLS)",
     "plaintext": "plaintext, no TLS",
 }

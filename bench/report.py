@@ -20,6 +20,8 @@ def kind_of(target: str) -> str:
     """What a column is, for the comparisons and the charts: dbmtls, relay, pooler, direct, plaintext."""
     if target.startswith("dbmtls"):
         return "dbmtls"
+    if "passthrough" in target:  # copies the client's own TLS bytes: the floor, not a rival doing TLS
+        return "passthrough"
     if target.startswith(RELAYS):
         return "relay"
     if target.startswith(POOLERS):
@@ -86,7 +88,8 @@ def comparison(suite: str, samples: list[Sample], loads: Sequence[LoadInfo] = ()
             return _median(getattr(s, attr) for s in mine if s.load == load and s.target == target)
 
         names = _ordered(s.target for s in mine)
-        relays = [t for t in names if t.startswith(RELAYS)]
+        relays = [t for t in names if kind_of(t) == "relay"]
+        passthroughs = [t for t in names if kind_of(t) == "passthrough"]
         poolers = [t for t in names if t.startswith(POOLERS)]
         for me in [t for t in names if t.startswith("dbmtls")]:
             rate, mine_cpu = med(me, "rate"), med(me, "cpu_per_100k")
@@ -100,6 +103,11 @@ def comparison(suite: str, samples: list[Sample], loads: Sequence[LoadInfo] = ()
             if cpus and mine_cpu is not None:
                 c, o = min(cpus)
                 parts.append(f"{mine_cpu / c:.2f}x the CPU per 100k of the leanest relay ({o})")
+            for t in passthroughs:
+                t_rate, t_cpu = med(t, "rate"), med(t, "cpu_per_100k")
+                if t_rate:
+                    cpu = f", {mine_cpu / t_cpu:.2f}x its CPU per 100k" if t_cpu and mine_cpu is not None else ""
+                    parts.append(f"{rate / t_rate:.2f}x the throughput of {t}{cpu}")
             for p in poolers:
                 p_rate, p_cpu = med(p, "rate"), med(p, "cpu_per_100k")
                 if p_rate:

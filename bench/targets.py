@@ -222,8 +222,10 @@ def haproxy(workdir: Path, pki: PKI, up: Upstream, *, maxconn: int = 2000) -> Pr
     return Proxy("HAProxy", Service("haproxy", cmd, d / "haproxy.log", port=port, stop_signal=signal.SIGTERM))
 
 
-def nginx(workdir: Path, pki: PKI, up: Upstream, *, worker_connections: int = 2048) -> Proxy:
-    d = _dir(workdir, "nginx")
+def nginx(workdir: Path, pki: PKI, up: Upstream, *, worker_connections: int = 2048, passthrough: bool = False) -> Proxy:
+    """nginx stream, doing the upstream TLS like dbmtls; ``passthrough``: a plain layer-4 relay that
+    only copies bytes (the client does its own TLS through it): the floor of any relay's cost."""
+    d = _dir(workdir, "nginx-passthrough" if passthrough else "nginx")
     port = free_port()
     cfg = d / "nginx.conf"
     cfg.write_text(
@@ -237,18 +239,23 @@ def nginx(workdir: Path, pki: PKI, up: Upstream, *, worker_connections: int = 20
         "  server {\n"
         f"    listen 127.0.0.1:{port};\n"
         f"    proxy_pass {up.host}:{up.port};\n"
-        "    proxy_ssl on;\n"
-        f"    proxy_ssl_certificate {pki.client.cert};\n"
-        f"    proxy_ssl_certificate_key {pki.client.key};\n"
-        f"    proxy_ssl_trusted_certificate {pki.ca_cert};\n"
-        "    proxy_ssl_verify on;\n"
-        f"    proxy_ssl_name {up.name};\n"
-        "    proxy_ssl_server_name on;\n"
-        "  }\n"
+        + (
+            ""
+            if passthrough
+            else "    proxy_ssl on;\n"
+            f"    proxy_ssl_certificate {pki.client.cert};\n"
+            f"    proxy_ssl_certificate_key {pki.client.key};\n"
+            f"    proxy_ssl_trusted_certificate {pki.ca_cert};\n"
+            "    proxy_ssl_verify on;\n"
+            f"    proxy_ssl_name {up.name};\n"
+            "    proxy_ssl_server_name on;\n"
+        )
+        + "  }\n"
         "}\n"
     )
     cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(cfg)]
-    return Proxy("nginx", Service("nginx", cmd, d / "stdout.log", port=port, stop_signal=signal.SIGQUIT))
+    name = "nginx L4 passthrough" if passthrough else "nginx"
+    return Proxy(name, Service(d.name, cmd, d / "stdout.log", port=port, stop_signal=signal.SIGQUIT))
 
 
 def pgbouncer(workdir: Path, pki: PKI, up: Upstream, *, db: str, user: str, pool_size: int = 20) -> Proxy:

@@ -289,3 +289,27 @@ def test_the_readme_shows_the_charts_that_charts_py_draws() -> None:
     assert linked, "README.md shows no chart"
     assert set(linked) <= EXPECTED
     assert [name for name in linked if not (ROOT / "docs" / "bench" / name).is_file()] == []
+
+
+def test_the_l4_passthrough_is_the_floor_not_a_rival_relay() -> None:
+    """nginx copying the client's own TLS bytes (the MySQL suite's floor) is reported against on
+    its own line, never as "the fastest relay": it does none of the TLS work dbmtls does."""
+    assert report.kind_of("nginx L4 passthrough, client TLS") == "passthrough"
+    assert report.kind_of("nginx") == "relay"
+    rows = [
+        _row("direct TLS", "direct", 50000.0),
+        _row("dbmtls native", "dbmtls", 30000.0, 2.0),
+        _row("nginx L4 passthrough, client TLS", "passthrough", 25000.0, 2.5),
+    ]
+    me = rows[1]
+    assert charts._ratio_note(me, rows, "rate", lowest=False) == ""
+    load = "mariadb-slap `-c 8` SELECT by primary key"
+    samples = [
+        Sample("mysql", load, "direct TLS", 50000.0, 1000, None),
+        Sample("mysql", load, "dbmtls native", 30000.0, 1000, 0.02),
+        Sample("mysql", load, "nginx L4 passthrough, client TLS", 25000.0, 1000, 0.025),
+    ]
+    (line,) = report.comparison("mysql", samples)
+    assert "fastest relay" not in line and "leanest relay" not in line
+    assert "1.20x the throughput of nginx L4 passthrough, client TLS, 0.80x its CPU per 100k" in line
+    assert "0.60x direct TLS" in line
