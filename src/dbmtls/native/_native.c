@@ -496,6 +496,10 @@ struct conn {
     unsigned want_peer_cert : 1;
     unsigned idled : 1;
     unsigned offered : 1; /* a cached session was offered (session resumption, sess_offer) */
+    /* READY: ready_read stopped at a full hold (one batch) with the server maybe not drained; no
+     * new EPOLLIN edge will come for what is already there, so Conn.take wakes the worker.  Set
+     * and cleared under io_lock, together with the hold it is about. */
+    int hold_stopped;
     int state;
     int relay_called; /* Python's alone: not a bit field, which would share a word with the worker's */
     SSL_CTX *ctx; /* NULL: plain TCP toward the server (tls.mode DISABLE) */
@@ -1260,6 +1264,7 @@ static void ready_read(conn_t *c) {
     worker_t *w = c->w;
     pthread_mutex_lock(&c->io_lock); /* Python may be taking held bytes (Conn.take) */
     size_t held = pend_size(&c->app.out);
+    if (held >= BATCH) c->hold_stopped = 1; /* in the same critical section as the check */
     pthread_mutex_unlock(&c->io_lock);
     /* hold at most a batch (then stop reading: the relay picks up from there), but keep reading
      * while less is held, so a close right after a banner is seen */
@@ -1300,6 +1305,7 @@ static void ready_read(conn_t *c) {
                               memory_order_relaxed);
         pthread_mutex_lock(&c->io_lock);
         int rc = pend_append(&c->app.out, w->scratch, n);
+        if (n == room && !ended) c->hold_stopped = 1; /* stopped by the limit, not by a drained socket */
         pthread_mutex_unlock(&c->io_lock);
         if (rc < 0) { ended = 2; err.kind = E_OS; err.code = ENOMEM; }
         else post_data(c);
@@ -2134,10 +2140,17 @@ static PyObject *Conn_take(ConnObject *self, PyObject *unused) {
     pthread_mutex_lock(&c->io_lock);
     size_t n = pend_size(&c->app.out);
     PyObject *out = PyBytes_FromStringAndSize(c->app.out.data ? c->app.out.data + c->app.out.off : "", (Py_ssize_t)n);
-    if (out) pend_free(&c->app.out);
+    int wake = 0;
+    if (out) {
+        pend_free(&c->app.out);
+        wake = c->hold_stopped;
+        c->hold_stopped = 0;
+    }
     pthread_mutex_unlock(&c->io_lock);
-    /* a full hold stopped the worker reading: it may go on (a no-op once the server is gone) */
-    if (out && n >= BATCH && conn_command(self, CMD_WAKE) < 0) PyErr_Clear();
+    /* a full hold stopped the worker reading: it may go on (a no-op once the server is gone).
+     * Not "n >= BATCH": the worker may have stopped at a full hold that Python took in two
+     * parts (half before the worker's read, half after), each less than a batch. */
+    if (wake && conn_command(self, CMD_WAKE) < 0) PyErr_Clear();
     return out;
 }
 
