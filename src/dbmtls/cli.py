@@ -83,9 +83,8 @@ def run(configs: tuple[str, ...], admin: str | None, log_level: str | None, log_
     explained = _load_explained(configs)
     config = explained.config
     if admin is not None and admin != "off":
-        from pydantic import ValidationError
-
         from dbmtls.config.model import AdminConfig
+        from dbmtls.config.schema import ValidationError
 
         try:
             AdminConfig(listen=admin, allowRemote=config.admin.allowRemote)

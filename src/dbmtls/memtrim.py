@@ -111,7 +111,7 @@ class Trimmer:
 
     def after_start(self) -> None:
         """Once, when the process is up: collect the garbage that loading the configuration left
-        (YAML documents, pydantic's validation, certificate parsing, import-time cycles) and give
+        (YAML documents, the config's validation, certificate parsing, import-time cycles) and give
         the heap's free pages back; nothing of it is used again."""
         if self._trim is None:
             return

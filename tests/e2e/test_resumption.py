@@ -321,7 +321,7 @@ def test_a_session_never_lets_an_unverified_name_through(
     the handshake succeeds: the name check that runs on resumed connections must refuse it."""
     import uvloop
 
-    from dbmtls.config.model import DatabaseConfig
+    from dbmtls.config.model import DatabaseConfig, TLSSettings
     from dbmtls.errors import NameMismatch
     from dbmtls.proxy import upstream
     from dbmtls.proxy.endpoint import Endpoint
@@ -334,7 +334,7 @@ def test_a_session_never_lets_an_unverified_name_through(
             protocol="redis",
             listen="127.0.0.1:1",
             address=f"localhost:{redis_tls.port}",
-            tls=tls_block(pki, **tls),
+            tls=TLSSettings.model_validate(tls_block(pki, **tls)),
         )
         rt = DatabaseRuntime(db, upstream.Dialer())
         rt.tls.load()
@@ -385,7 +385,7 @@ def test_a_session_never_lets_an_unverified_name_through_native(pki: PKI, redis_
 
     import uvloop
 
-    from dbmtls.config.model import DatabaseConfig
+    from dbmtls.config.model import DatabaseConfig, TLSSettings
     from dbmtls.errors import NameMismatch
     from dbmtls.native import load as load_native
     from dbmtls.native.plane import NativePlane
@@ -408,7 +408,7 @@ def test_a_session_never_lets_an_unverified_name_through_native(pki: PKI, redis_
                 protocol="redis",
                 listen="127.0.0.1:1",
                 address=f"localhost:{redis_tls.port}",
-                tls=tls_block(pki, **tls),
+                tls=TLSSettings.model_validate(tls_block(pki, **tls)),
             )
             rt = DatabaseRuntime(db, upstream.Dialer())
             rt.native = plane

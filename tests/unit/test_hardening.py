@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from dbmtls.config.destinationrule import map_destination_rule
 from dbmtls.config.model import AdminConfig, TLSSettings
+from dbmtls.config.schema import ValidationError
 from dbmtls.errors import ConfigError
 from dbmtls.logs import _fmt_value
 from dbmtls.proxy.server import _remove_stale_socket

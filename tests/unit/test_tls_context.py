@@ -178,7 +178,7 @@ def _client_ctx(
     names: tuple[str, ...] = ("localhost",),
     server_name: str = "localhost",
     client: Pair | None = None,
-    max_version: str | None = None,
+    max_version: Literal["TLSV1_2", "TLSV1_3"] | None = None,
 ) -> ssl.SSLContext:
     tls = TLSSettings(
         mode="MUTUAL" if client else "SIMPLE",

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import yaml
-from pydantic import ValidationError
 
 from dbmtls.config import credentials
 from dbmtls.config.destinationrule import (
@@ -40,6 +39,7 @@ from dbmtls.config.destinationrule import (
 from dbmtls.config.explain import DatabaseExplanation, Explanation, Note, Origin
 from dbmtls.config.mesh import MeshIndex
 from dbmtls.config.model import Config, DatabaseConfig, FieldError, split_host_port
+from dbmtls.config.schema import ValidationError
 from dbmtls.errors import ConfigError
 
 _TOP_LEVEL = {
@@ -76,8 +76,6 @@ def _loc(loc: Iterable[int | str]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith("function-"):
-            continue  # a pydantic validator wrapper, not a YAML key
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -3,8 +3,9 @@
 Validation of values lives here; loading (YAML, merging files, Istio
 DestinationRules) lives in ``load.py``, with the checks across files whose
 errors must name the file a database came from.  Field names are the YAML names
-(camelCase, like Istio's ClientTLSSettings), so a pydantic error location
-is already the YAML path a user can find in the file.  Unknown fields are
+(camelCase, like Istio's ClientTLSSettings), so a validation error's location
+is already the YAML path a user can find in the file (config/schema.py: the models are
+pydantic-shaped, without pydantic).  Unknown fields are
 errors: a typo such as ``clientCertficate`` must not silently mean "no cert".
 """
 
@@ -14,18 +15,16 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import (
+from dbmtls.config.credentials import DEFAULT_CREDENTIALS_DIR
+from dbmtls.config.schema import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
+    Model,
     PositiveInt,
     field_validator,
     model_validator,
 )
-
-from dbmtls.config.credentials import DEFAULT_CREDENTIALS_DIR
 from dbmtls.protocols.registry import REGISTRY
 from dbmtls.protocols.spec import ProtocolSpec
 
@@ -54,7 +53,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 class FieldError(ValueError):
     """A rule across fields, blamed on one of them: the loader appends ``field`` to the YAML path.
 
-    pydantic reports a model validator's error at the model's own location; a user
+    A model validator's error is reported at the model's own location; a user
     looking for what to fix wants ``databases[1].tls.privateKey``, not ``databases[1].tls``.
     """
 
@@ -63,8 +62,8 @@ class FieldError(ValueError):
         self.field = field
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+class _Model(Model):
+    """Unknown fields are errors and instances are frozen (config/schema.py)."""
 
 
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:

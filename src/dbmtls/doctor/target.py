@@ -12,9 +12,8 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
 from dbmtls.config.model import Config, DatabaseConfig, DnsConfig, TLSSettings
+from dbmtls.config.schema import ValidationError
 from dbmtls.protocols.registry import REGISTRY
 from dbmtls.protocols.spec import ProtocolSpec
 

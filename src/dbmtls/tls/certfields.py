@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import importlib
 import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
-
-from dbmtls.native import load
 
 # cryptography's short names (x509/name.py, _NAMEOID_TO_NAME); every other OID is dotted.
 _SHORT_NAMES = {
@@ -59,7 +58,7 @@ class _Unusual(Exception):
 
 
 def _escape(value: str) -> str:
-    """RFC 4514 section 2.4, as cryptography's ``_escape_dn_value`` does it."""
+    """RFC 4514 escaping (its 2.4), as cryptography's ``_escape_dn_value`` does it."""
     if not value:
         return ""
     for ch, esc in (("\\", "\\\\"), ('"', '\\"'), ("+", "\\+"), (",", "\\,"), (";", "\\;"), ("<", "\\<"), (">", "\\>")):
@@ -82,9 +81,20 @@ def _utc(seconds: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
+_NO_EXTENSION = object()
+_extension: Any = None
+
+
 def _native() -> Any:
-    module, _why = load()
-    return module
+    """dbmtls._native, the compiled module itself (not the dbmtls.native package, which builds
+    on this one), or None where it was not built."""
+    global _extension
+    if _extension is None:
+        try:
+            _extension = importlib.import_module("dbmtls._native")
+        except ImportError:
+            _extension = _NO_EXTENSION
+    return None if _extension is _NO_EXTENSION else _extension
 
 
 def _fast(der: bytes) -> tuple[CertFields, Any]:
