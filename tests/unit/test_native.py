@@ -391,6 +391,37 @@ def test_relay_is_byte_exact_both_ways(pki: PKI, rig: Rig, echo_server: Server) 
     app.close()
 
 
+def test_the_apps_eof_reaches_the_server_as_close_notify(pki: PKI, rig: Rig) -> None:
+    """The app's EOF goes on as close_notify at once (TLS 1.3's half-close), and what the server
+    says after it still reaches the app.  The server here answers only once it has read the EOF:
+    without close_notify it would wait until the linger closed the connection, and the app would
+    get an empty close instead of the answer."""
+
+    def answer_after_eof(conn: Any) -> None:
+        request = b""
+        while chunk := conn.recv(100):  # b"" on close_notify
+            request += chunk
+        conn.sendall(b"after your eof: " + request)
+        conn.unwrap()  # our close_notify; the relay answered the server's EOF with its own
+        conn.close()
+
+    server = Server(server_ctx(pki), answer_after_eof)
+    try:
+        ctx, twin = contexts(database(pki))
+        conn = rig.connect(server.port, ctx, twin)
+        rig.wait(conn, "handshake")
+        app = rig.relay(conn, pending=b"ques")
+        app.sendall(b"tion")
+        app.shutdown(socket.SHUT_WR)
+        assert recv_exact(app, 100) == b"after your eof: question"  # and then the app's EOF
+        closed = rig.wait(conn, "closed")
+        assert closed[2] == 0 and closed[4] is False  # no failure, not idle
+        assert server.errors == []
+        app.close()
+    finally:
+        server.close()
+
+
 def test_hundreds_of_connections_leave_no_descriptor_or_thread_behind(pki: PKI, rig: Rig, echo_server: Server) -> None:
     ctx, twin = contexts(database(pki))
     fds, threads = open_fds(), threading.active_count()

@@ -48,8 +48,9 @@
 #define BATCH (64 * 1024)
 /* Timers (idle timeout, the half-close linger, the close-flush bound) are checked this often. */
 #define SWEEP_MS 100
-/* After the app's EOF the TLS side stays open while the server keeps sending, and is closed once
- * it has been quiet this long (TLS cannot half-close; proxy/relay.py HALF_CLOSE_LINGER). */
+/* After the app's EOF the TLS side says close_notify (TLS 1.3's half-close: "I send no more") and
+ * stays open while the server keeps sending; it is closed when the server closes too, or once it
+ * has been quiet this long (a server that ignores close_notify; proxy/relay.py HALF_CLOSE_LINGER). */
 #define LINGER_MS 1000
 
 /* ---------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ typedef struct side {
     unsigned eof : 1;         /* it sent its EOF */
     unsigned closed : 1;      /* its descriptor is closed (or was never ours) */
     unsigned flush_close : 1; /* close it once `out` is written */
-    unsigned shut_wr : 1;     /* plain TCP: pass an EOF on (shutdown SHUT_WR) once `out` is written */
+    unsigned shut_wr : 1;     /* pass an EOF on once `out` is written: shutdown SHUT_WR, or close_notify */
     unsigned registered : 1;  /* in the worker's epoll set */
     unsigned hup : 1;         /* the peer's FIN (or an error) is pending: a short read is not "drained" */
     pend_t out;               /* bytes waiting to be written to this side (backpressure) */
@@ -681,7 +682,7 @@ static void set_linger0(int fd) {
 static void side_close(conn_t *c, side_t *s, int reset) {
     if (s->closed) return;
     if (s == &c->up && c->ssl) {
-        if (!reset && c->handshaken && !c->tls_dead) {
+        if (!reset && c->handshaken && !c->tls_dead && !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
             (void)SSL_shutdown(c->ssl);
             ERR_clear_error();
         }
@@ -1087,13 +1088,59 @@ static void app_eof(conn_t *c) {
         close_both(c);
         return;
     }
-    if (!c->ssl) {
-        c->up.shut_wr = 1;
-        return;
-    }
-    /* TLS cannot half-close: keep the server side while it keeps answering (the linger) */
+    /* pass the EOF on: SHUT_WR for plain TCP, close_notify for TLS (tls_shut_wr) */
+    c->up.shut_wr = 1;
+    if (!c->ssl) return;
+    /* TLS 1.2 has no half-close and a server may ignore close_notify: keep the server side while
+     * it keeps answering, closed after LINGER_MS of silence (the linger) */
     c->linger_seen = atomic_load_explicit(&c->from_up, memory_order_relaxed);
     c->linger_deadline = c->w->now + LINGER_MS;
+}
+
+/* After the app's EOF went on as close_notify (tls_shut_wr), a server that closes on its own (after
+ * MySQL's COM_QUIT, PostgreSQL's Terminate, Redis's QUIT) with our close_notify still unread in its
+ * socket resets the connection, by TCP's rules; what it sent before is still read first.  That is
+ * its close, as a FIN would have been, not a failure to report. */
+static int reset_after_close_notify(conn_t *c, const errinfo_t *err) {
+    return c->app.eof && c->ssl && (SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN) && err->kind == E_OS &&
+           (err->code == ECONNRESET || err->code == EPIPE);
+}
+
+/* The app's EOF, passed on over TLS: close_notify, and the server side stays open for reading.
+ * TLS 1.3 defines this as a half-close (RFC 8446 6.1: the peer may go on sending); servers that
+ * read it as "the client is gone" (Redis, most) close their side at once, so a closed app's server
+ * connection is not held for the linger (a load of one connection per request would otherwise
+ * keep a second's worth of them open at the server: with Redis's maxclients, refused
+ * connections).  Returns -1 after handling a failure. */
+static int tls_shut_wr(conn_t *c) {
+    if (SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN) {
+        c->up.shut_wr = 0;
+        return 0;
+    }
+    errno = 0;
+    int r = SSL_shutdown(c->ssl);
+    if (r >= 0) { /* 0: sent, the server's own close_notify not seen yet; 1: both */
+        c->up.shut_wr = 0;
+        return 0;
+    }
+    int saved = errno;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_WRITE) {
+        c->up.writable = 0; /* tried again when the socket drains */
+        return 0;
+    }
+    if (e == SSL_ERROR_WANT_READ) { /* cannot happen for a first close_notify; do not spin */
+        c->up.shut_wr = 0;
+        return 0;
+    }
+    errinfo_t err;
+    capture_ssl_error(c, r, e, saved, &err);
+    if (reset_after_close_notify(c, &err)) { /* gone already: reading finds its last bytes, then the end */
+        c->up.shut_wr = 0;
+        return 0;
+    }
+    up_failed(c, &err);
+    return -1;
 }
 
 static int can_read_up(conn_t *c) {
@@ -1128,9 +1175,11 @@ static int pump(conn_t *c) {
         }
         /* 2. sides whose pending bytes are out: pass an EOF on, or close */
         if (!c->up.closed && !pend_size(&c->up.out)) {
-            if (c->up.shut_wr) {
+            if (c->up.shut_wr && !c->ssl) {
                 shutdown(c->up.fd, SHUT_WR);
                 c->up.shut_wr = 0;
+            } else if (c->up.shut_wr && can_write_up(c)) {
+                if (tls_shut_wr(c) < 0) return 0;
             }
             if (c->up.flush_close) side_close(c, &c->up, 0);
         }
@@ -1224,7 +1273,7 @@ static int pump(conn_t *c) {
                     break;
                 }
                 capture_ssl_error(c, r, e, saved, &err);
-                ended = err.kind == E_EOF ? 1 : 2;
+                ended = err.kind == E_EOF || reset_after_close_notify(c, &err) ? 1 : 2;
                 break;
             }
             if (n > 0) {
