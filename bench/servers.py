@@ -21,7 +21,10 @@ from support.certs import PKI
 class Redis:
     """redis-server with a TLS port (tls-auth-clients yes) and a plaintext port on the same process."""
 
-    def __init__(self, workdir: Path, pki: PKI, *, maxclients: int = 1000) -> None:
+    # maxclients: Redis's own default.  A relay that keeps a server connection after its client
+    # closed (dbmtls's Python plane: up to 1 s, HALF_CLOSE_LINGER) holds hundreds of them under the
+    # connection-per-request load; a limit below production's would refuse some mid-run.
+    def __init__(self, workdir: Path, pki: PKI, *, maxclients: int = 10000) -> None:
         self.tls_port = free_port()
         self.plain_port = free_port()
         d = workdir / "redis"
