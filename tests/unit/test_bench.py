@@ -313,3 +313,17 @@ def test_the_l4_passthrough_is_the_floor_not_a_rival_relay() -> None:
     assert "fastest relay" not in line and "leanest relay" not in line
     assert "1.20x the throughput of nginx L4 passthrough, client TLS, 0.80x its CPU per 100k" in line
     assert "0.60x direct TLS" in line
+
+
+def test_small_cpu_figures_keep_a_third_digit() -> None:
+    """Pipelined loads cost a few hundredths of a CPU second per 100k requests: at two decimals
+    every relay would read 0.04 and the table and charts could not tell them apart."""
+    load = "`-t get -c 50 -P 32`"
+    samples = [
+        Sample("redis", load, "dbmtls native", 1_500_000.0, 1_000_000, 0.35),
+        Sample("redis", load, "nginx", 1_250_000.0, 1_000_000, 0.39),
+        Sample("redis", load, "stunnel", 750_000.0, 1_000_000, 1.18),
+    ]
+    table = report.suite_table("redis", samples)
+    assert "| 0.035 | 0.039 | 0.12 |" in table
+    assert charts._fmt(0.035) == "0.035" and charts._fmt(0.118) == "0.12"
