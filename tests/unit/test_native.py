@@ -384,7 +384,7 @@ def test_relay_is_byte_exact_both_ways(pki: PKI, rig: Rig, echo_server: Server) 
     sender.join()
     assert got == b"first " + payload
     app.shutdown(socket.SHUT_WR)
-    assert app.recv(10) == b""  # the linger: the server side is closed once it is quiet
+    assert app.recv(10) == b""  # the EOF went on as close_notify; the echo server closed, then the app's side
     closed = rig.wait(conn, "closed")
     assert closed[2] == 0 and closed[4] is False  # no failure, not idle
     assert closed[5] == closed[6] == len(payload) + 6 == conn.bytes_from_app == conn.bytes_from_upstream
@@ -417,6 +417,36 @@ def test_the_apps_eof_reaches_the_server_as_close_notify(pki: PKI, rig: Rig) -> 
         closed = rig.wait(conn, "closed")
         assert closed[2] == 0 and closed[4] is False  # no failure, not idle
         assert server.errors == []
+        app.close()
+    finally:
+        server.close()
+
+
+def test_a_server_that_ignores_close_notify_is_closed_by_the_linger(pki: PKI, rig: Rig) -> None:
+    """A server that reads the app's EOF (close_notify) and neither answers nor closes: once it
+    has been quiet for the linger, both sides are closed cleanly and the server sees the end."""
+    done = threading.Event()
+
+    def deaf(conn: Any) -> None:
+        assert conn.recv(100) == b"hello"
+        assert conn.recv(100) == b""  # close_notify
+        # then the TCP end, which this server does not start (TLS says nothing more after close_notify)
+        with socket.socket(fileno=os.dup(conn.fileno())) as raw:
+            raw.settimeout(15)
+            assert raw.recv(1) == b""
+        done.set()
+
+    server = Server(server_ctx(pki), deaf)
+    try:
+        ctx, twin = contexts(database(pki))
+        conn = rig.connect(server.port, ctx, twin)
+        rig.wait(conn, "handshake")
+        app = rig.relay(conn, pending=b"hello")
+        app.shutdown(socket.SHUT_WR)
+        assert app.recv(10) == b""
+        closed = rig.wait(conn, "closed")
+        assert closed[2] == 0 and closed[4] is False  # no failure, not idle
+        assert done.wait(15), server.errors
         app.close()
     finally:
         server.close()
