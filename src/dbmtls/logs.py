@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -16,11 +17,14 @@ LOG = logging.getLogger("dbmtls")
 CONN_LOG = logging.getLogger("dbmtls.conn")
 
 
+# Values can come from apps (a DB user name): anything that could fake a field or a line (space,
+# quote, '=', control characters such as newline, DEL) gets the value quoted, JSON-escaped.
+_NEEDS_QUOTES = re.compile(r'[\x00-\x20"=\x7f]')
+
+
 def _fmt_value(v: object) -> str:
     s = str(v)
-    # Values can come from apps (a DB user name): quote anything that could fake a field or a
-    # line (space, quote, '=', control characters such as newline), JSON-escaping it.
-    if not s or any(c in ' "=\x7f' or c < " " for c in s):
+    if not s or _NEEDS_QUOTES.search(s):
         return json.dumps(s)
     return s
 
@@ -55,6 +59,13 @@ class JSONFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    # A record per connection: skip what logging collects for every record and neither format
+    # prints (the logging HOWTO's "Optimization" list): the caller's frame, the thread, the
+    # process id (a getpid syscall) and the multiprocessing name.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("dbmtls")
