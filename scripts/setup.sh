@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # gcc and libssl-dev: pip compiles dbmtls._native, the native data plane (docs/native.md)
 want=(redis-server redis-tools postgresql postgresql-client mariadb-server mariadb-client dnsmasq-base gcc libssl-dev)
 if [ "${1:-}" = "bench" ]; then
-  want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer)
+  # linux-perf: bench/percall.py (perf stat)
+  want+=(stunnel4 haproxy nginx-light libnginx-mod-stream pgbouncer linux-perf)
 fi
 
 missing=()
