@@ -8,9 +8,12 @@ and from the metrics; where the server can tell (MariaDB's ``Ssl_sessions_reused
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
+import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -154,6 +157,75 @@ def test_a_server_without_session_cache_is_retried_without_a_session(rp: Redis) 
     assert metric(rp.proc, "dbmtls_upstream_tls_resumption_refused_total", "nocache") == 1
     assert "the server refused a resumed TLS session; retrying without one" in rp.proc.log()
     assert "connection failed db=nocache" not in rp.proc.log()
+
+
+class _Closer:
+    """On a port where Redis was: accepts, reads the ClientHello, closes. A server that fails every
+    handshake for now (full, restarting) whether a session is offered or not; nothing in the OS
+    packages does that on demand, so this is a small fake."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.recv(4096)
+
+    def close(self) -> None:
+        # shutdown wakes the accept() blocked in the thread, which otherwise keeps the port bound
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_a_server_failing_every_handshake_does_not_turn_resumption_off(
+    pki: PKI, tmp_path: Path, data_plane: str
+) -> None:
+    """A handshake that offered a session failed, and so did the retry without one: the server
+    fails every handshake for now, which says nothing about resumption.  Once it is back, the
+    connections resume again (before, resumption stayed off for BACKOFF, 300 s)."""
+    port = free_port()
+    server = RedisTLS(tmp_path / "redis", pki.server, pki.ca_cert, port=port).start()
+    listen = free_port()
+    db = {"name": "flaky", "protocol": "redis", "listen": f"127.0.0.1:{listen}", "address": f"localhost:{port}"}
+    proc = Dbmtls(tmp_path, {"databases": [{**db, "tls": tls_block(pki)}], "dataPlane": data_plane}, admin=True)
+    on_plane(proc.start(wait_ports=(listen,)), data_plane)
+    closer: _Closer | None = None
+    try:
+        ping(listen)  # the server's tickets are kept
+        wait_closed(proc, "flaky", 1)
+        server.stop()
+        closer = _Closer(port)
+        with pytest.raises(redis.RedisError):
+            ping(listen)
+        assert "the server refused a resumed TLS session; retrying without one" in proc.log()
+        assert closer.accepted == 2  # with the session, then without
+        closer.close()
+        closer = None
+        server = RedisTLS(tmp_path / "redis", pki.server, pki.ca_cert, port=port).start()
+        ping(listen)  # a full handshake: the sessions went with the refusal
+        ping(listen)  # resumed from the tickets of the one before
+        lines = wait_closed(proc, "flaky", 3)
+        assert "tls_resumed=True" in lines[-1], lines
+        assert metric(proc, "dbmtls_upstream_tls_resumption_refused_total", "flaky") == 1
+    finally:
+        if closer is not None:
+            closer.close()
+        server.stop()
+        proc.stop(check=False)
 
 
 def test_preconnect_is_off_by_default(rp: Redis) -> None:

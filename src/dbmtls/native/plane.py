@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from dbmtls.errors import UpstreamProtocolError
+from dbmtls.errors import UpstreamError, UpstreamProtocolError
 from dbmtls.logs import LOG
 from dbmtls.native.tls import twin_of
 from dbmtls.proxy.endpoint import Endpoint
@@ -178,7 +178,15 @@ class NativePlane:
                 f"(no session is offered to it for {BACKOFF:g}s)",
                 extra={"fields": {"db": conn.rt.name, "upstream": _target(conn)}},
             )
-            return await self._dial_once(conn, user)
+            try:
+                return await self._dial_once(conn, user)
+            except UpstreamError:
+                # failed without a session too: not a refusal of resumption (tls.resume forgive);
+                # a backoff of 0 lifts it (the sessions were dropped with the refusal)
+                ctx = conn.rt.tls.context_for(user)
+                if ctx is not None:
+                    twin_of(ctx).refuse_sessions(conn.rt.db.server_name, 0)
+                raise
 
     async def _dial_once(self, conn: Conn, user: str | None) -> NativeUpstream:
         ep = await conn.rt.dialer.connect(conn)

@@ -261,7 +261,15 @@ class Dialer:
                 f"(no session is offered to it for {BACKOFF:g}s)",
                 extra={"fields": {"db": conn.rt.name, "upstream": target(conn)}},
             )
-            return await self._dial_once(conn, user)
+            try:
+                return await self._dial_once(conn, user)
+            except UpstreamError:
+                # failed without a session too: not a refusal of resumption (tls.resume forgive)
+                ctx = conn.rt.tls.context_for(user)
+                cache = cache_of(ctx) if ctx is not None else None
+                if cache is not None:
+                    cache.forgive(conn.rt.db.server_name)
+                raise
 
     async def _dial_once(self, conn: Conn, user: str | None) -> Endpoint:
         ep = await self.connect(conn)

@@ -160,6 +160,12 @@ class SessionCache:
         self._backoff_until[server_name] = time.monotonic() + BACKOFF
         self._sessions.pop(server_name, None)
 
+    def forgive(self, server_name: str) -> None:
+        """The retry without a session failed too: the server fails every handshake for now (it
+        is full, restarting, or not a TLS server any more), which says nothing about resumption.
+        The backoff is lifted, so resumption resumes once the server is back."""
+        self._backoff_until.pop(server_name, None)
+
     def backing_off(self, server_name: str) -> bool:
         return self._backoff_until.get(server_name, 0.0) > time.monotonic()
 
